@@ -1,0 +1,160 @@
+"""Model files: safetensors weights plus a JSON model card, written atomically, loaded verified.
+
+A model directory holds ``model.safetensors`` (weights only, no pickle) and ``model.json``
+(the card: architecture, classes, preprocessing, metrics and the weights' SHA-256). Writes go
+to temporary files in the same directory, are fsynced, then renamed over the final names,
+weights first and card last, with Ctrl-C and SIGTERM held back while the two renames run. A
+reader checks the card's hash against the weights, so it never serves a mismatched pair.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from fashion.contract import ModelConfig, build_model, contract_summary
+
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "model.json"
+CARD_FORMAT = 1
+MODEL_NAME = "fashion-mnist"
+
+
+class CheckpointError(RuntimeError):
+    """A model directory that cannot be served, with the reason in words."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_atomically(path: Path, data: bytes) -> Path:
+    """Write ``data`` to a fsynced temporary file beside ``path``; return the temporary path."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp-write")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT/SIGTERM until the block ends, so a commit is never cut between its renames."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    deferred = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, deferred)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(model: nn.Module, card: dict, output_dir: str | os.PathLike) -> dict:
+    """Atomically write weights and card into ``output_dir``; return the card as written."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    weights = save_safetensors(tensors, metadata={"format": "pt"})
+    card = {
+        "format": CARD_FORMAT,
+        "name": MODEL_NAME,
+        **card,
+        **contract_summary(),
+        "weights": {"file": WEIGHTS_FILE, "sha256": sha256_bytes(weights), "bytes": len(weights)},
+    }
+    card_bytes = (json.dumps(card, indent=2, sort_keys=False) + "\n").encode()
+    tmp_weights = _write_atomically(output_dir / WEIGHTS_FILE, weights)
+    try:
+        tmp_card = _write_atomically(output_dir / CARD_FILE, card_bytes)
+    except BaseException:
+        tmp_weights.unlink(missing_ok=True)
+        raise
+    with _signals_deferred():
+        os.replace(tmp_weights, output_dir / WEIGHTS_FILE)
+        os.replace(tmp_card, output_dir / CARD_FILE)
+        _fsync_dir(output_dir)
+    return card
+
+
+def read_card(model_dir: str | os.PathLike) -> dict:
+    """The model card of ``model_dir``, or CheckpointError."""
+    path = Path(model_dir) / CARD_FILE
+    try:
+        card = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"no model card at {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"the model card {path} cannot be read: {error}") from None
+    if not isinstance(card, dict):
+        raise CheckpointError(f"the model card {path} is not a JSON object")
+    return card
+
+
+def load_checkpoint(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model from ``model_dir`` in eval mode on ``device``, after verifying it.
+
+    Refuses (CheckpointError) a card whose hash does not match the weights, whose classes,
+    input size or normalization differ from the shared contract, or whose architecture the
+    weights do not fit.
+    """
+    model_dir = Path(model_dir)
+    card = read_card(model_dir)
+    weights_info = card.get("weights")
+    if not isinstance(weights_info, dict) or "sha256" not in weights_info:
+        raise CheckpointError("the model card names no weights hash")
+    weights_path = model_dir / WEIGHTS_FILE
+    try:
+        weights = weights_path.read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"the weights {weights_path} cannot be read: {error.strerror}") from None
+    actual = sha256_bytes(weights)
+    if actual != weights_info["sha256"]:
+        raise CheckpointError(
+            f"the weights' SHA-256 {actual[:12]}… does not match the card's {str(weights_info['sha256'])[:12]}…"
+        )
+    expected = contract_summary()
+    for key, value in expected.items():
+        if card.get(key) != value:
+            raise CheckpointError(f"the card's {key} {card.get(key)!r} differ from the shared contract's {value!r}")
+    try:
+        config = ModelConfig.from_dict(card.get("architecture") or {})
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"the card's architecture is invalid: {error}") from None
+    try:
+        state = load_safetensors(weights)
+    except Exception as error:
+        raise CheckpointError(f"the weights file is not valid safetensors: {error}") from None
+    model = build_model(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0:2]
+        raise CheckpointError(f"the weights do not fit the card's architecture: {' '.join(first)}") from None
+    return model.to(device).eval(), card

@@ -1,0 +1,212 @@
+"""The single source of truth that training and serving share.
+
+Class names, input geometry, normalization, the model architecture and the preprocessing of
+one image are defined here and nowhere else, so a served model cannot drift from the way it
+was trained (the classic training/serving skew). Both ``training`` and ``service`` import
+this module; the model card records these values and the loader refuses a card that
+disagrees with them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import nn
+from torchvision import transforms
+
+# Fashion-MNIST's label order: index i of the model's output is CLASS_NAMES[i].
+CLASS_NAMES: tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+NUM_CLASSES = len(CLASS_NAMES)
+
+INPUT_CHANNELS, INPUT_HEIGHT, INPUT_WIDTH = 1, 28, 28
+INPUT_SHAPE = (INPUT_CHANNELS, INPUT_HEIGHT, INPUT_WIDTH)
+
+# Pixel mean and standard deviation over the 60,000 training images, scaled to [0, 1]
+# (tests/test_contract.py recomputes them from the real data).
+MEAN = 0.2860405969887955
+STD = 0.3530242483182949
+
+normalize = transforms.Normalize(mean=(MEAN,), std=(STD,))
+
+InvertMode = Literal["auto", "true", "false"]
+INVERT_MODES: tuple[str, ...] = ("auto", "true", "false")
+
+
+def contract_summary() -> dict:
+    """What a model card must agree with before its weights may be served."""
+    return {
+        "classes": list(CLASS_NAMES),
+        "input": {"channels": INPUT_CHANNELS, "height": INPUT_HEIGHT, "width": INPUT_WIDTH},
+        "normalization": {"mean": MEAN, "std": STD},
+    }
+
+
+# --------------------------------------------------------------------------- architecture
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The few numbers that rebuild the classifier; stored in every model card."""
+
+    hidden_sizes: tuple[int, ...] = (512, 512)
+    dropout: float = 0.0
+    kind: str = field(default="mlp")
+
+    def __post_init__(self) -> None:
+        if self.kind != "mlp":
+            raise ValueError(f"unknown architecture kind {self.kind!r} (expected 'mlp')")
+        if not self.hidden_sizes or any(int(h) < 1 for h in self.hidden_sizes):
+            raise ValueError(f"hidden_sizes must be positive integers, got {self.hidden_sizes!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["hidden_sizes"] = list(self.hidden_sizes)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        unknown = set(data) - {"hidden_sizes", "dropout", "kind"}
+        if unknown:
+            raise ValueError(f"unknown architecture fields: {sorted(unknown)}")
+        return cls(
+            hidden_sizes=tuple(data.get("hidden_sizes", (512, 512))),
+            dropout=float(data.get("dropout", 0.0)),
+            kind=data.get("kind", "mlp"),
+        )
+
+
+def build_model(config: ModelConfig | None = None) -> nn.Sequential:
+    """Flatten -> (Linear -> ReLU [-> Dropout])* -> Linear producing NUM_CLASSES logits."""
+    config = config or ModelConfig()
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = INPUT_CHANNELS * INPUT_HEIGHT * INPUT_WIDTH
+    for hidden in config.hidden_sizes:
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        if config.dropout > 0:
+            layers.append(nn.Dropout(config.dropout))
+        width = hidden
+    layers.append(nn.Linear(width, NUM_CLASSES))
+    return nn.Sequential(*layers)
+
+
+# --------------------------------------------------------------------------- features
+
+
+def pixels_to_input(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [..., H, W] or [..., 1, H, W] -> normalized float32 [..., 1, H, W].
+
+    Training applies this to the whole data set at once and serving to one image; it is the
+    same elementwise arithmetic either way, so both produce bit-identical inputs.
+    """
+    if pixels.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 pixels, got {pixels.dtype}")
+    if pixels.shape[-3:] != INPUT_SHAPE:
+        pixels = pixels.unsqueeze(-3)
+    return normalize(pixels.to(torch.float32).div(255))
+
+
+# The per-item feature transform torchvision's FashionMNIST dataset is built with.
+FEATURE_TRANSFORM = transforms.Compose([transforms.PILToTensor(), pixels_to_input])
+
+
+def one_hot(label: int) -> torch.Tensor:
+    """Class index -> one-hot float vector of length NUM_CLASSES (the target_transform)."""
+    target = torch.zeros(NUM_CLASSES, dtype=torch.float32)
+    target[label] = 1.0
+    return target
+
+
+# --------------------------------------------------------------------------- real images
+
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+# A pixel brighter than this (after inversion) belongs to the garment when trimming borders.
+_TRIM_THRESHOLD = 24
+
+
+def to_grayscale(image: Image.Image) -> Image.Image:
+    """Any Pillow image -> upright 8-bit grayscale, transparency composited onto white.
+
+    White is the background of the product photos Fashion-MNIST was made from, so a
+    transparent cut-out ends up as the same dark-on-light photo and is inverted like one.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if image.mode == "F" else 257.0
+        if image.mode == "F" and array.size and array.max() <= 1.0:
+            scale = 1 / 255.0
+        return Image.fromarray(np.clip(array / scale, 0, 255).round().astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    if image.mode == "CMYK":
+        image = image.convert("RGB")
+    return image.convert("L")
+
+
+def has_light_background(gray: Image.Image) -> bool:
+    """True when the border is mostly light: a dark garment on a light photo background.
+
+    The median of the outermost pixels is robust to a garment touching the frame; on the
+    real Fashion-MNIST test set it never exceeds 89, so those images are never inverted.
+    """
+    array = np.asarray(gray)
+    border = np.concatenate([array[0, :], array[-1, :], array[1:-1, 0], array[1:-1, -1]])
+    return float(np.median(border)) > 127
+
+
+def fit_to_canvas(gray: Image.Image) -> Image.Image:
+    """Trim the dark background, fit the longest edge to 28 and centre it, as Fashion-MNIST was made.
+
+    An image already at the model's 28x28 resolution is taken as it is: resampling it
+    again would only blur a crop that was made this way.
+    """
+    if gray.size == (INPUT_WIDTH, INPUT_HEIGHT):
+        return gray
+    mask = gray.point(lambda p: 255 if p > _TRIM_THRESHOLD else 0)
+    box = mask.getbbox()
+    if box is not None:
+        gray = gray.crop(box)
+    width, height = gray.size
+    scale = min(INPUT_WIDTH / width, INPUT_HEIGHT / height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    gray = gray.resize(size, Image.Resampling.LANCZOS)
+    canvas = Image.new("L", (INPUT_WIDTH, INPUT_HEIGHT), 0)
+    canvas.paste(gray, ((INPUT_WIDTH - size[0]) // 2, (INPUT_HEIGHT - size[1]) // 2))
+    return canvas
+
+
+def to_fashion_mnist(image: Image.Image, invert: InvertMode = "auto") -> Image.Image:
+    """Any decoded image -> a 28x28 light-on-black grayscale crop like Fashion-MNIST's."""
+    if invert not in INVERT_MODES:
+        raise ValueError(f"invert must be one of {INVERT_MODES}, got {invert!r}")
+    gray = to_grayscale(image)
+    if invert == "true" or (invert == "auto" and has_light_background(gray)):
+        gray = ImageOps.invert(gray)
+    return fit_to_canvas(gray)
+
+
+def preprocess(image: Image.Image, invert: InvertMode = "auto") -> torch.Tensor:
+    """One decoded image -> the normalized float32 tensor [1, 28, 28] the model takes."""
+    return FEATURE_TRANSFORM(to_fashion_mnist(image, invert))
