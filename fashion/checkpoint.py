@@ -5,6 +5,11 @@ A model directory holds ``model.safetensors`` (weights only, no pickle) and ``mo
 to temporary files in the same directory, are fsynced, then renamed over the final names,
 weights first and card last, with Ctrl-C and SIGTERM held back while the two renames run. A
 reader checks the card's hash against the weights, so it never serves a mismatched pair.
+
+Two renames are not one atomic step: a SIGKILL (or a reader) landing between them sees the new
+weights beside the old card. So the old weights are hard-linked to ``.model.previous.safetensors``
+before the commit and removed after it; a loader whose card does not match ``model.safetensors``
+but matches that file loads it, which is the previous model, untouched.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from fashion.contract import ModelConfig, build_model, contract_summary
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
+PREVIOUS_WEIGHTS_FILE = ".model.previous.safetensors"
 CARD_FORMAT = 1
 MODEL_NAME = "fashion-mnist"
 
@@ -44,6 +50,9 @@ def _write_atomically(path: Path, data: bytes) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp-write")
     try:
         with os.fdopen(fd, "wb") as handle:
+            # mkstemp makes 0600 files; a model is read by a service that may run as another user
+            # (the api container reads what the train container wrote), so give it the usual 0644.
+            os.fchmod(handle.fileno(), 0o644)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -96,11 +105,31 @@ def save_checkpoint(model: nn.Module, card: dict, output_dir: str | os.PathLike)
     except BaseException:
         tmp_weights.unlink(missing_ok=True)
         raise
+    previous = _keep_previous_weights(output_dir)
     with _signals_deferred():
         os.replace(tmp_weights, output_dir / WEIGHTS_FILE)
         os.replace(tmp_card, output_dir / CARD_FILE)
         _fsync_dir(output_dir)
+    if previous is not None:
+        previous.unlink(missing_ok=True)
     return card
+
+
+def _keep_previous_weights(output_dir: Path) -> Path | None:
+    """Keep the current weights reachable under PREVIOUS_WEIGHTS_FILE until the commit is done."""
+    current = output_dir / WEIGHTS_FILE
+    if not current.exists():
+        return None
+    previous = output_dir / PREVIOUS_WEIGHTS_FILE
+    tmp = output_dir / f".{PREVIOUS_WEIGHTS_FILE}.tmp-link"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(current, tmp)
+    except OSError:  # a file system without hard links: pay for a copy instead
+        os.replace(_write_atomically(previous, current.read_bytes()), previous)
+    else:
+        os.replace(tmp, previous)
+    return previous
 
 
 def read_card(model_dir: str | os.PathLike) -> dict:
@@ -115,6 +144,15 @@ def read_card(model_dir: str | os.PathLike) -> dict:
     if not isinstance(card, dict):
         raise CheckpointError(f"the model card {path} is not a JSON object")
     return card
+
+
+def _previous_weights_matching(model_dir: Path, sha256: str) -> bytes | None:
+    """The previous weights, when a commit was cut (or is under way) between its two renames."""
+    try:
+        weights = (model_dir / PREVIOUS_WEIGHTS_FILE).read_bytes()
+    except OSError:
+        return None
+    return weights if sha256_bytes(weights) == sha256 else None
 
 
 def load_checkpoint(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -135,6 +173,9 @@ def load_checkpoint(model_dir: str | os.PathLike, device: str | torch.device = "
     except OSError as error:
         raise CheckpointError(f"the weights {weights_path} cannot be read: {error.strerror}") from None
     actual = sha256_bytes(weights)
+    if actual != weights_info["sha256"]:
+        weights = _previous_weights_matching(model_dir, weights_info["sha256"]) or weights
+        actual = sha256_bytes(weights)
     if actual != weights_info["sha256"]:
         raise CheckpointError(
             f"the weights' SHA-256 {actual[:12]}… does not match the card's {str(weights_info['sha256'])[:12]}…"

@@ -30,6 +30,15 @@ class ImageTooLarge(ImageError):
     code = "image_too_large"
 
 
+# Leading bytes of the allowed formats: a file that starts like one but that Pillow cannot
+# identify is a broken image of a format we take (400), not a format we do not take (415).
+_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _looks_like_allowed_format(data: bytes) -> bool:
+    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Bytes -> a fully decoded Pillow image (first frame), or an ImageError saying why not."""
     if not data:
@@ -37,6 +46,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     try:
         image = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS))
     except UnidentifiedImageError:
+        if _looks_like_allowed_format(data):
+            raise ImageError("the image header is truncated or corrupt") from None
         raise UnsupportedImageFormat(
             f"not an image in a supported format ({', '.join(sorted(ALLOWED_FORMATS))})"
         ) from None

@@ -1,0 +1,114 @@
+"""The shared contract checked against the real data: class order, normalization, features, architecture."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.datasets import FashionMNIST
+
+from fashion.contract import (
+    CLASS_NAMES,
+    FEATURE_TRANSFORM,
+    INPUT_SHAPE,
+    MEAN,
+    NUM_CLASSES,
+    STD,
+    ModelConfig,
+    build_model,
+    one_hot,
+    pixels_to_input,
+    preprocess,
+)
+from fashion.images import decode_image
+
+
+def test_class_names_are_fashion_mnist_order():
+    assert list(CLASS_NAMES) == FashionMNIST.classes
+    assert NUM_CLASSES == 10 and INPUT_SHAPE == (1, 28, 28)
+
+
+def test_mean_and_std_recomputed_from_the_training_images(train_set):
+    pixels = train_set.data.to(torch.float64) / 255
+    assert pixels.shape == (60_000, 28, 28)
+    assert pixels.mean().item() == pytest.approx(MEAN, abs=1e-4)
+    assert pixels.std().item() == pytest.approx(STD, abs=1e-4)
+
+
+def test_normalized_training_images_have_zero_mean_unit_std(train_set):
+    inputs = train_set.inputs.to(torch.float64)
+    assert inputs.shape == (60_000, 1, 28, 28) and train_set.inputs.dtype == torch.float32
+    assert inputs.mean().item() == pytest.approx(0.0, abs=1e-3)
+    assert inputs.std().item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_one_hot_targets():
+    for label in range(NUM_CLASSES):
+        target = one_hot(label)
+        assert target.dtype == torch.float32 and target.shape == (NUM_CLASSES,)
+        assert target[label] == 1.0 and target.sum() == 1.0
+    with pytest.raises(IndexError):
+        one_hot(NUM_CLASSES)
+
+
+def test_pixels_to_input_is_the_same_for_a_batch_and_for_one_image():
+    pixels = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    batch = pixels_to_input(pixels)
+    assert batch.shape == (32, 1, 28, 28)
+    for i in range(len(pixels)):
+        single = FEATURE_TRANSFORM(Image.fromarray(pixels[i].numpy(), mode="L"))
+        assert torch.equal(single, batch[i])  # bit-identical, not approximately equal
+    assert pixels_to_input(torch.zeros(28, 28, dtype=torch.uint8))[0, 0, 0].item() == pytest.approx(-MEAN / STD)
+    assert pixels_to_input(torch.full((28, 28), 255, dtype=torch.uint8))[0, 0, 0].item() == pytest.approx(
+        (1 - MEAN) / STD
+    )
+    with pytest.raises(TypeError):
+        pixels_to_input(torch.zeros(28, 28))
+
+
+def test_preprocess_of_a_28x28_grayscale_png_is_the_training_transform(test_set):
+    pixels = test_set.data[0].numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+    served = preprocess(decode_image(buffer.getvalue()))
+    assert torch.equal(served, test_set.inputs[0])
+
+
+def test_model_maps_batches_to_ten_logits():
+    model = build_model(ModelConfig())
+    assert isinstance(model, torch.nn.Sequential)
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(784, 512), (512, 512), (512, 10)]
+    for n in (1, 7):
+        assert model(torch.zeros(n, *INPUT_SHAPE)).shape == (n, NUM_CLASSES)
+    with_dropout = build_model(ModelConfig(hidden_sizes=(64,), dropout=0.25))
+    assert any(isinstance(m, torch.nn.Dropout) for m in with_dropout)
+    assert with_dropout(torch.zeros(3, *INPUT_SHAPE)).shape == (3, NUM_CLASSES)
+
+
+def test_model_config_round_trip_and_validation():
+    config = ModelConfig(hidden_sizes=(256, 128), dropout=0.1)
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    for bad in ({"hidden_sizes": ()}, {"hidden_sizes": (0,)}, {"dropout": 1.0}, {"kind": "cnn"}):
+        with pytest.raises(ValueError):
+            ModelConfig(**bad)
+
+
+def test_known_answer_with_hand_set_weights():
+    model = build_model(ModelConfig(hidden_sizes=(1,)))
+    first, last = model[1], model[3]
+    with torch.no_grad():
+        first.weight.zero_()
+        first.weight[0, 0] = 1.0  # the hidden unit reads the top-left pixel
+        first.bias.zero_()
+        last.weight.zero_()
+        last.bias.zero_()
+        last.weight[4, 0] = 1.0  # ... and votes for "Coat"
+    x = torch.zeros(1, *INPUT_SHAPE)
+    x[0, 0, 0, 0] = 2.0
+    logits = model(x)
+    assert logits.argmax().item() == CLASS_NAMES.index("Coat")
+    assert np.allclose(logits.detach().numpy()[0], [0, 0, 0, 0, 2.0, 0, 0, 0, 0, 0])

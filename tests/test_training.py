@@ -1,0 +1,499 @@
+"""The training pipeline on the real data: datasets, loop, outputs, crash safety, CLI errors, shipped model."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from fashion.checkpoint import (
+    CARD_FILE,
+    PREVIOUS_WEIGHTS_FILE,
+    WEIGHTS_FILE,
+    load_checkpoint,
+    read_card,
+    save_checkpoint,
+)
+from fashion.contract import CLASS_NAMES, FEATURE_TRANSFORM, MEAN, NUM_CLASSES, STD, ModelConfig, build_model
+from training.data import (
+    DataError,
+    ImageFolderDataset,
+    TensorBatchDataset,
+    collate_batch,
+    ensure_fashion_mnist,
+    file_checksums,
+    raw_folder,
+)
+from training.train import (
+    CONFUSION_FILE,
+    CURVES_FILE,
+    TrainConfig,
+    evaluate,
+    fast_bf16,
+    freeze_all_but_last,
+    main,
+    parse_args,
+    random_shift,
+    train,
+    write_outputs,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODELS_DIR = REPO_ROOT / "models"
+
+
+def run_cli(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "training", *argv],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def subset(dataset, n: int) -> TensorBatchDataset:
+    part = TensorBatchDataset([dataset])
+    part.inputs, part.target_vectors = part.inputs[:n], part.target_vectors[:n]
+    return part
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_fast_dataset_equals_torchvision_per_item_transform(train_set):
+    indices = [0, 1, 59_999, *torch.randint(0, 60_000, (200,), generator=torch.Generator().manual_seed(0)).tolist()]
+    for i in indices:
+        image, target = train_set.per_item(i)  # PIL -> FEATURE_TRANSFORM, label -> one_hot
+        fast_image, fast_target = train_set[i]
+        assert torch.equal(image, fast_image)
+        assert torch.equal(target, fast_target)
+    batch_images, batch_targets = train_set.__getitems__(indices)
+    assert torch.equal(batch_images, torch.stack([train_set[i][0] for i in indices]))
+    assert torch.equal(batch_targets, torch.stack([train_set[i][1] for i in indices]))
+    assert train_set.transform is FEATURE_TRANSFORM
+
+
+def test_targets_are_one_hot_and_match_labels(train_set):
+    targets = train_set.target_vectors
+    assert targets.shape == (60_000, NUM_CLASSES) and targets.dtype == torch.float32
+    assert torch.equal(targets.sum(dim=1), torch.ones(60_000))
+    assert torch.equal(targets.argmax(dim=1), train_set.targets)
+    assert torch.bincount(train_set.targets).tolist() == [6_000] * NUM_CLASSES
+
+
+def test_dataloader_fetches_whole_batches(train_set):
+    loader = DataLoader(subset(train_set, 1_000), batch_size=256, shuffle=True, collate_fn=collate_batch)
+    shapes = [(tuple(x.shape), tuple(y.shape)) for x, y in loader]
+    assert shapes[0] == ((256, 1, 28, 28), (256, NUM_CLASSES))
+    assert sum(s[0][0] for s in shapes) == 1_000
+
+
+def test_debian_files_decompress_to_the_same_data(tmp_path, data_root):
+    debian = Path("/usr/share/datasets/fashion-mnist")
+    if not (debian / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("the dataset-fashion-mnist package is not installed")
+    root, source = ensure_fashion_mnist(tmp_path, debian_dir=debian, download=False)
+    assert source == "debian"
+    assert file_checksums(root) == file_checksums(data_root)
+    assert not [p for p in raw_folder(root).iterdir() if p.name.endswith(".tmp-write")]
+    assert ensure_fashion_mnist(tmp_path, debian_dir=tmp_path / "none", download=False)[1] == "data-root"
+
+
+def _png(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def make_folder(root: Path, test_set) -> Path:
+    """A small user data set: real test images in several formats, sizes and modes."""
+    (root / "T-shirt_top").mkdir(parents=True)
+    (root / "ankle boot").mkdir()
+    (root / "Sneaker").mkdir()
+    (root / "T-shirt_top" / "a.png").write_bytes(_png(Image.fromarray(test_set.data[1].numpy(), mode="L")))
+    shirt = Image.fromarray(255 - test_set.data[1].numpy(), mode="L").resize((300, 300)).convert("RGB")
+    (root / "T-shirt_top" / "photo.jpg").write_bytes(_png(shirt, "JPEG"))
+    (root / "ankle boot" / "boot.webp").write_bytes(
+        _png(Image.fromarray(test_set.data[0].numpy()).convert("RGBA"), "WEBP")
+    )
+    (root / "Sneaker" / "s.bmp").write_bytes(_png(Image.new("RGB", (40, 90), (250, 250, 250)), "BMP"))
+    (root / ".DS_Store").write_bytes(b"junk")  # hidden files are ignored
+    return root
+
+
+def test_image_folder_dataset_reads_any_format(tmp_path, test_set):
+    dataset = ImageFolderDataset(make_folder(tmp_path / "extra", test_set))
+    assert len(dataset) == 4
+    labels = [CLASS_NAMES[int(y.argmax())] for _, y in (dataset[i] for i in range(len(dataset)))]
+    assert labels == ["Sneaker", "T-shirt/top", "T-shirt/top", "Ankle boot"]
+    assert dataset.inputs.shape == (4, 1, 28, 28)
+    # A 28x28 grayscale PNG goes through exactly the training transform.
+    index = [f.name for f, _ in dataset.samples].index("a.png")
+    assert torch.equal(dataset[index][0], test_set.inputs[1])
+    assert set(dataset.checksums()) == {
+        "T-shirt_top/a.png",
+        "T-shirt_top/photo.jpg",
+        "ankle boot/boot.webp",
+        "Sneaker/s.bmp",
+    }
+
+
+@pytest.mark.parametrize(
+    ("layout", "named"),
+    [
+        ({"Jacket/x.png": "png"}, "Jacket"),
+        ({"Coat/": None}, "Coat"),
+        ({"Coat/broken.png": b"\x89PNG\r\n\x1a\nnot really"}, "broken.png"),
+        ({"Coat/notes.txt": b"hello"}, "notes.txt"),
+        ({"Coat/empty.png": b""}, "empty.png"),
+        ({"loose.png": "png"}, "loose.png"),
+        ({}, "no class folders"),
+    ],
+)
+def test_image_folder_dataset_rejects_bad_folders_up_front(tmp_path, layout, named):
+    root = tmp_path / "extra"
+    root.mkdir()
+    good = _png(Image.new("L", (28, 28), 0))
+    for relative, content in layout.items():
+        path = root / relative
+        if content is None:
+            path.mkdir(parents=True)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(good if content == "png" else content)
+    with pytest.raises(DataError, match=named):
+        ImageFolderDataset(root)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_short_training_on_a_real_subset_beats_chance(train_set, test_set):
+    model = build_model(ModelConfig(hidden_sizes=(128,)))
+    config = TrainConfig(epochs=2, batch_size=128, lr=3e-3, hflip=0.0)
+    before, _, _ = evaluate(model, test_set.inputs, test_set.targets)
+    history = train(model, subset(train_set, 4_000), test_set, config, torch.device("cpu"), log=lambda _: None)
+    assert before < 0.25
+    assert len(history) == 2 and history[-1]["test_accuracy"] > 0.70  # chance is 0.10
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_random_shift_translates_within_bounds():
+    images = torch.full((64, 1, 28, 28), -1.0)
+    images[:, 0, 10, 20] = 5.0  # one bright pixel per image
+    shifted = random_shift(images, 2, torch.Generator().manual_seed(0))
+    assert shifted.shape == images.shape
+    bright = (shifted == 5.0).nonzero()[:, 2:]
+    assert len(bright) == 64  # still exactly one bright pixel in each image
+    assert bright[:, 0].sub(10).abs().max() <= 2 and bright[:, 1].sub(20).abs().max() <= 2
+    assert len({tuple(p) for p in bright.tolist()}) > 10  # and the offsets vary
+    background = torch.tensor((0.0 - MEAN) / STD).item()  # what the padding brings in: normalized black
+    assert set(shifted.unique().tolist()) <= {5.0, -1.0, background}
+
+
+def test_same_seed_same_weights(train_set, test_set):
+    def trained(seed: int) -> dict:
+        torch.manual_seed(seed)
+        model = build_model(ModelConfig(hidden_sizes=(32,)))
+        config = TrainConfig(epochs=1, batch_size=100, seed=seed)
+        train(model, subset(train_set, 1_000), test_set, config, torch.device("cpu"), log=lambda _: None)
+        return model.state_dict()
+
+    first, again, other = trained(3), trained(3), trained(4)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_save_load_round_trip_is_exact(tmp_path, test_set):
+    model = build_model(ModelConfig(hidden_sizes=(64, 32)))
+    card = {"architecture": ModelConfig(hidden_sizes=(64, 32)).to_dict(), "metrics": {"test_accuracy": 0.5}}
+    written = write_outputs(model, card, tmp_path, {CURVES_FILE: b"png-1"})
+    loaded, loaded_card = load_checkpoint(tmp_path)
+    assert loaded_card == written == read_card(tmp_path)
+    assert loaded_card["plots"][CURVES_FILE] == hashlib.sha256(b"png-1").hexdigest()
+    with torch.no_grad():
+        assert torch.equal(model.eval()(test_set.inputs[:500]), loaded(test_set.inputs[:500]))
+
+
+def test_cli_trains_writes_card_and_fine_tunes_frozen(tmp_path, data_root):
+    base = tmp_path / "base"
+    args = ["--data-dir", str(data_root), "--epochs", "1", "--limit-train", "2000", "--no-download", "--seed", "1"]
+    assert main(parse_args([*args, "--hidden-sizes", "64", "--output-dir", str(base)])) == 0
+    card = read_card(base)
+    assert card["architecture"]["hidden_sizes"] == [64]
+    assert card["training"]["seed"] == 1 and card["training"]["epochs"] == 1
+    assert card["data"]["train_images"] == 2000 and card["metrics"]["test_images"] == 10_000
+    assert set(card["data"]["files_sha256"]) == {p.name for p in raw_folder(data_root).iterdir() if p.is_file()}
+    assert sum(map(sum, card["metrics"]["confusion_matrix"]["counts"])) == 10_000
+    assert set(card["metrics"]["per_class_accuracy"]) == set(CLASS_NAMES)
+    assert (base / CURVES_FILE).stat().st_size > 1000 and (base / CONFUSION_FILE).stat().st_size > 1000
+    assert card["versions"]["torch"] == torch.__version__ and card["created_at"]
+
+    tuned = tmp_path / "tuned"
+    assert (
+        main(parse_args([*args, "--init-from", str(base), "--freeze", "--no-plots", "--output-dir", str(tuned)])) == 0
+    )
+    before, _ = load_checkpoint(base)
+    after, tuned_card = load_checkpoint(tuned)
+    assert tuned_card["training"]["init_from"]["weights_sha256"] == card["weights"]["sha256"]
+    assert torch.equal(before[1].weight, after[1].weight)  # frozen first layer
+    assert not torch.equal(before[3].weight, after[3].weight)  # retrained last layer
+
+
+def test_freeze_leaves_only_the_last_layer_trainable():
+    model = build_model(ModelConfig())
+    freeze_all_but_last(model)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["5.weight", "5.bias"]
+
+
+def test_extra_data_is_added_to_the_training_set(tmp_path, data_root, test_set):
+    extra = make_folder(tmp_path / "extra", test_set)
+    out = tmp_path / "out"
+    argv = [
+        "--data-dir",
+        str(data_root),
+        "--extra-data",
+        str(extra),
+        "--epochs",
+        "1",
+        "--limit-train",
+        "500",
+        "--hidden-sizes",
+        "16",
+        "--no-plots",
+        "--no-download",
+        "--output-dir",
+        str(out),
+    ]
+    assert main(parse_args(argv)) == 0
+    card = read_card(out)
+    assert card["data"]["extra"]["images"] == 4
+    assert "T-shirt_top/photo.jpg" in card["data"]["extra"]["files_sha256"]
+
+
+# --------------------------------------------------------------------------- CLI errors (real processes)
+
+
+def test_missing_data_gives_one_clear_message_and_exit_2(tmp_path):
+    result = run_cli(
+        "--data-dir",
+        str(tmp_path / "empty"),
+        "--debian-dir",
+        str(tmp_path / "no-debian"),
+        "--no-download",
+        "--output-dir",
+        str(tmp_path / "out"),
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "--data-dir" in result.stderr and "dataset-fashion-mnist" in result.stderr and "download" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_extra_data_fails_before_training(tmp_path, data_root):
+    bad = tmp_path / "extra" / "Coat"
+    bad.mkdir(parents=True)
+    (bad / "scan.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    result = run_cli(
+        "--data-dir",
+        str(data_root),
+        "--extra-data",
+        str(tmp_path / "extra"),
+        "--no-download",
+        "--output-dir",
+        str(tmp_path / "out"),
+    )
+    assert result.returncode == 2, result.stderr
+    assert "scan.png" in result.stderr and "Traceback" not in result.stderr
+    assert "epoch" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--epochs", "0"], ["--batch-size", "x"], ["--lr", "-1"], ["--device", "tpu"], ["--freeze"], ["--dropout", "1"]],
+)
+def test_bad_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- crash safety
+
+# Runs the real CLI with os.fsync slowed down and announced, so the test can kill it at a chosen write.
+KILLABLE = textwrap.dedent(
+    """
+    import os, sys, time
+    real_fsync = os.fsync
+    count = 0
+    def announced_fsync(fd):
+        global count
+        count += 1
+        print(f"FSYNC {count}", flush=True)
+        time.sleep(0.4)
+        real_fsync(fd)
+    os.fsync = announced_fsync
+    from training.train import run
+    sys.exit(run(sys.argv[1:]))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("kill_at", "sig"), [(1, signal.SIGKILL), (3, signal.SIGKILL), (4, signal.SIGKILL), (4, signal.SIGINT)]
+)
+def test_training_killed_mid_save_leaves_the_old_model(tmp_path, data_root, kill_at, sig):
+    """fsync 1-2 are the plots' temporary files, 3 the weights', 4 the card's; 5 the folder after the renames."""
+    out = tmp_path / "models"
+    old_model = build_model(ModelConfig(hidden_sizes=(16,)))
+    write_outputs(old_model, {"architecture": {"hidden_sizes": [16]}}, out, {CURVES_FILE: b"old curves"})
+    old_files = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            KILLABLE,
+            "--data-dir",
+            str(data_root),
+            "--epochs",
+            "1",
+            "--limit-train",
+            "500",
+            "--hidden-sizes",
+            "16",
+            "--no-download",
+            "--output-dir",
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in process.stdout:
+            if line.strip() == f"FSYNC {kill_at}":
+                process.send_signal(sig)
+                break
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+        stderr = process.stderr.read()
+    assert process.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), stderr
+
+    # The model (weights + card) is exactly the old one and still loads.
+    assert (out / WEIGHTS_FILE).read_bytes() == old_files[WEIGHTS_FILE]
+    assert (out / CARD_FILE).read_bytes() == old_files[CARD_FILE]
+    load_checkpoint(out)
+    # Under a final name there is only a complete file: the old one, or a whole new plot.
+    for path in out.iterdir():
+        if path.name == PREVIOUS_WEIGHTS_FILE:  # the kill landed after the old weights were kept aside
+            assert path.read_bytes() == old_files[WEIGHTS_FILE]
+        elif path.name.startswith("."):
+            assert path.name.endswith((".tmp-write", ".tmp-link"))
+            assert sig == signal.SIGKILL  # Ctrl-C cleans its temporary files up
+        elif path.name == CONFUSION_FILE or (path.name == CURVES_FILE and path.read_bytes() != old_files[CURVES_FILE]):
+            Image.open(path).verify()
+        else:
+            assert path.read_bytes() == old_files[path.name]
+
+
+# Runs the real CLI and stops it for good between the commit's two renames (new weights, old card).
+KILLED_BETWEEN_RENAMES = textwrap.dedent(
+    """
+    import os, sys, time
+    real_replace = os.replace
+    def replace_then_hang(src, dst):
+        real_replace(src, dst)
+        if str(dst).endswith("model.safetensors"):
+            print("WEIGHTS RENAMED", flush=True)
+            time.sleep(60)
+    os.replace = replace_then_hang
+    from training.train import run
+    sys.exit(run(sys.argv[1:]))
+    """
+)
+
+
+def test_training_killed_between_the_two_renames_still_serves_the_old_model(tmp_path, data_root):
+    out = tmp_path / "models"
+    old_model = build_model(ModelConfig(hidden_sizes=(16,))).eval()
+    save_checkpoint(old_model, {"architecture": {"hidden_sizes": [16]}}, out)
+    old_card = (out / CARD_FILE).read_bytes()
+    argv = ["--data-dir", str(data_root), "--epochs", "1", "--limit-train", "500", "--hidden-sizes", "16"]
+    argv += ["--no-download", "--no-plots", "--output-dir", str(out)]
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLED_BETWEEN_RENAMES, *argv], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        for line in process.stdout:
+            if line.strip() == "WEIGHTS RENAMED":
+                process.kill()
+                break
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == -signal.SIGKILL
+
+    assert (out / CARD_FILE).read_bytes() == old_card
+    assert (out / WEIGHTS_FILE).read_bytes() != (out / PREVIOUS_WEIGHTS_FILE).read_bytes()  # new weights in place
+    model, card = load_checkpoint(out)
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(model(x), old_model(x))
+    assert card["weights"]["sha256"] == read_card(out)["weights"]["sha256"]
+
+
+# --------------------------------------------------------------------------- the shipped model
+
+
+def test_committed_default_model_reproduces_its_card(test_set):
+    model, card = load_checkpoint(MODELS_DIR)
+    accuracy, _, confusion = evaluate(model, test_set.inputs, test_set.targets)
+    assert accuracy == card["metrics"]["test_accuracy"]
+    assert confusion.tolist() == card["metrics"]["confusion_matrix"]["counts"]
+    assert accuracy >= 0.90
+    assert card["training"]["device"] == "cpu"
+    assert card["data"]["files_sha256"] == file_checksums(test_set.root)
+    for name in (CURVES_FILE, CONFUSION_FILE):
+        assert hashlib.sha256((MODELS_DIR / name).read_bytes()).hexdigest() == card["plots"][name]
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_few_training_steps_on_cuda(train_set, test_set, tmp_path):
+    device = torch.device("cuda")
+    data = subset(train_set, 4_096).to(device)
+    test_on_gpu = TensorBatchDataset([test_set]).to(device)
+    test_on_gpu.targets = test_set.targets
+    model = build_model(ModelConfig())
+    history = train(
+        model,
+        data,
+        test_on_gpu,
+        TrainConfig(epochs=2, batch_size=256, bf16=fast_bf16(device)),
+        device,
+        log=lambda _: None,
+    )
+    assert next(model.parameters()).device.type == "cuda"
+    assert history[-1]["test_accuracy"] > 0.6
+    write_outputs(model.cpu(), {"architecture": ModelConfig().to_dict()}, tmp_path, {})
+    loaded, _ = load_checkpoint(tmp_path, "cuda")
+    assert next(loaded.parameters()).device.type == "cuda"
+    assert os.path.exists(tmp_path / WEIGHTS_FILE)
