@@ -302,6 +302,23 @@ def test_missing_data_gives_one_clear_message_and_exit_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_unwritable_output_dir_fails_before_training(tmp_path, data_root):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "models"
+    result = subprocess.run(
+        [sys.executable, "-m", "training", "--data-dir", str(data_root), "--no-download", "--output-dir", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "cannot write the model to" in result.stderr
+    assert "training on" not in result.stderr  # refused before a single epoch ran
+    assert "Traceback" not in result.stderr
+
+
 def test_bad_extra_data_fails_before_training(tmp_path, data_root):
     bad = tmp_path / "extra" / "Coat"
     bad.mkdir(parents=True)

@@ -10,6 +10,7 @@ import io
 import os
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -450,7 +451,19 @@ def build_card(
 # --------------------------------------------------------------------------- main
 
 
+def check_writable(output_dir: Path) -> None:
+    """Fail before training, not after it, when the model could not be written (OSError)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=output_dir):
+        pass
+
+
 def main(args: argparse.Namespace) -> int:
+    try:
+        check_writable(args.output_dir)
+    except OSError as error:
+        print(f"error: cannot write the model to {args.output_dir}: {error.strerror or error}", file=sys.stderr)
+        return 2
     config = config_from_args(args)
     device = resolve_device(args.device)
     # bf16 autocast only where the hardware has it (elsewhere it is slower than float32); the card says which ran.
