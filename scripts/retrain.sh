@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Retrain in the train container, then gate the new model on accuracy. The CI workflow
+# (.github/workflows/retrain.yml) runs exactly this; so can anyone with Docker:
+#
+#   scripts/retrain.sh [TRAINING_ARGS...]          e.g. scripts/retrain.sh --epochs 15 --seed 1
+#
+# Steps: build the `train` image; run `python -m training TRAINING_ARGS` in it (non-root, read-only root
+# filesystem, no capabilities) writing into a fresh OUTPUT_DIR; compare the new card's test accuracy with
+# the current model's (CURRENT_MODEL) and refuse the new model when it is more than MAX_DROP_POINTS
+# percentage points lower. The new model, its card, its plots and gate.json stay in OUTPUT_DIR either way;
+# promoting an accepted model (copying it into models/ and committing it) is left to a person.
+#
+# Exit status: 0 accepted; 1 refused by the gate; 2 bad usage or a card that cannot be read; other
+# non-zero: the build or the training failed.
+#
+# Environment:
+#   OUTPUT_DIR       where the new model goes; must not exist or be empty (default retrain-out/<UTC time>)
+#   CURRENT_MODEL    the model to beat (default models)
+#   MAX_DROP_POINTS  allowed drop in test accuracy, percentage points (default 0.5)
+#   TORCH_INDEX_URL  torch wheel index for the build (default PyTorch's CPU index; empty = pip's default, CUDA)
+#   TRAIN_IMAGE      tag of the image to build and run (default fashion-mnist-train:retrain)
+#   DOCKER_RUN_ARGS  extra `docker run` arguments, e.g. "--gpus all"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+output_dir=${OUTPUT_DIR:-retrain-out/$(date -u +%Y%m%dT%H%M%SZ)}
+current_model=${CURRENT_MODEL:-models}
+max_drop=${MAX_DROP_POINTS:-0.5}
+image=${TRAIN_IMAGE:-fashion-mnist-train:retrain}
+index_url=${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}
+log() { echo "retrain: $*" >&2; }
+
+if [[ -e $output_dir && -n $(ls -A "$output_dir" 2>/dev/null) ]]; then
+  log "OUTPUT_DIR $output_dir is not empty: retraining writes into a fresh folder"
+  exit 2
+fi
+mkdir -p "$output_dir"
+output_dir=$(cd "$output_dir" && pwd)
+
+log "building the train image $image"
+revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+docker build --target train --build-arg "TORCH_INDEX_URL=$index_url" --build-arg "REVISION=$revision" -t "$image" .
+
+# The container never runs as root. Run it as the caller so the files are the caller's; a root caller
+# hands the folder to the image's own user (uid 10001) instead.
+if [[ $(id -u) -eq 0 ]]; then
+  chown 10001:10001 "$output_dir"
+  user=10001:10001
+else
+  user="$(id -u):$(id -g)"
+fi
+
+log "training: python -m training $* -> $output_dir"
+# shellcheck disable=SC2086  # DOCKER_RUN_ARGS is a list of words on purpose
+docker run --rm --user "$user" --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
+  ${DOCKER_RUN_ARGS:-} -v "$output_dir:/app/models" "$image" "$@"
+
+# The gate is standard library Python, so it needs only python3 on the host, not the project's venv.
+status=0
+python3 scripts/accuracy_gate.py "$current_model" "$output_dir" --max-drop-points "$max_drop" \
+  --report "$output_dir/gate.json" || status=$?
+log "artifacts in $output_dir:"; ls -l "$output_dir" >&2
+exit "$status"
