@@ -32,6 +32,7 @@ lint: install
 bench: install
 	$(PY) benchmarks/bench_training.py
 	$(PY) benchmarks/bench_serving.py
+	$(PY) benchmarks/bench_v2.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache test-artifacts

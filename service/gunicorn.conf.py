@@ -1,0 +1,71 @@
+"""gunicorn settings for the service: ``gunicorn -c service/gunicorn.conf.py "service:create_app()"``.
+
+Everything comes from the environment (service.config), validated here in the master so a
+bad value stops the server with a clear message and exit status 2 before any worker starts.
+
+Start-up and memory: the master imports torch, numpy, Pillow and Flask once (about a second)
+and every worker is forked from it, so those pages are shared copy-on-write. The app itself
+(model load, warm-up, torch's thread setting) is built in each worker after the fork
+(preload_app off): torch's intra-op thread pool must never be started before a fork, and a
+worker replaced after max_requests then starts in tens of milliseconds.
+"""
+
+import os
+import sys
+
+# torch.cuda.is_available() through NVML does not initialise CUDA in the master, which would
+# make CUDA unusable in the forked workers.
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from service.config import EXIT_CONFIG_ERROR, ConfigError, Settings
+
+try:
+    _settings = Settings.from_env(os.environ)
+except ConfigError as _error:
+    print(f"fashion-serve: configuration error: {_error}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_CONFIG_ERROR)
+
+import service.app  # noqa: F401  (imported in the master only to share its pages with the workers)
+
+# Issue 5: Prometheus multi-process mode (service/metrics.py). Each server start gets a fresh
+# metrics directory that the workers inherit (on_starting); a dead worker's live gauges are
+# dropped (child_exit); the directory is removed at exit (on_exit).
+from service.metrics import gunicorn_child_exit as child_exit  # noqa: F401
+from service.metrics import gunicorn_on_exit as on_exit  # noqa: F401
+from service.metrics import gunicorn_on_starting
+
+bind = [f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else f"{_settings.host}:{_settings.port}"]
+workers = _settings.workers
+worker_class = "sync"
+# Inference is CPU-bound and answers in milliseconds: a worker silent this long is stuck.
+timeout = _settings.timeout
+# SIGTERM: stop accepting, let in-flight requests finish for up to this long, then exit.
+graceful_timeout = _settings.graceful_timeout
+# Recycle workers now and then so a slow leak (in a library, or a fragmenting heap) cannot grow
+# for ever; the jitter keeps them from restarting all at once.
+max_requests = 20_000
+max_requests_jitter = 2_000
+preload_app = False
+# The control socket (gunicorn >= 24) defaults to one path per user, so two servers would fight over it.
+control_socket_disable = True
+# The app writes one JSON line per request itself (service.app), with the request id and label.
+accesslog = None
+errorlog = "-"
+loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
+proc_name = "fashion-serve"
+# Worker heartbeat files on tmpfs: a slow or full disk must not make gunicorn kill healthy workers.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+def on_starting(server):
+    gunicorn_on_starting(server)  # issue 5: a fresh PROMETHEUS_MULTIPROC_DIR before any worker forks
+    server.log.info(
+        "fashion-serve: model_dir=%s device=%s workers=%d torch_threads=%d max_batch=%d max_upload_bytes=%d",
+        _settings.model_dir,
+        _settings.device,
+        _settings.workers,
+        _settings.torch_threads,
+        _settings.max_batch,
+        _settings.max_upload_bytes,
+    )

@@ -1,0 +1,188 @@
+"""The served model: loaded verified, warmed up, swapped atomically when a new one is committed.
+
+Each Flask app owns one ``ModelRunner``, reachable as ``app.extensions["model_runner"]``
+(``service.app.runner_of(app)``); there is no module-level model. Under gunicorn every worker
+builds its own app after the fork, so each worker loads and warms up its own copy (a few
+MB) while torch's code pages, imported by the master, stay shared.
+
+Hot reload: at most every ``reload_interval`` seconds a request stats the two model files
+(``maybe_reload``). When they changed, the new pair is loaded with the same verification as
+at start (hash, contract, architecture) and warmed up, and only then swapped in with one
+reference assignment. A pair caught mid-commit (new weights, old card) fails the hash check
+and is not served; the old model keeps answering, and the next change of the files (the
+card's rename) triggers another try.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fashion.checkpoint import CARD_FILE, WEIGHTS_FILE, CheckpointError, load_checkpoint
+from fashion.contract import INPUT_SHAPE, NUM_CLASSES
+
+log = logging.getLogger("service.model")
+
+
+def _files_signature(model_dir: Path) -> tuple | None:
+    """A cheap fingerprint of the model files (inode, size, mtime); None when one is missing."""
+    try:
+        card, weights = os.stat(model_dir / CARD_FILE), os.stat(model_dir / WEIGHTS_FILE)
+    except OSError:
+        return None
+    return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in (card, weights))
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """One verified, warmed-up model; immutable, so a request holding it sees one consistent model."""
+
+    model: nn.Module
+    card: dict
+    device: torch.device
+    signature: tuple | None
+    load_seconds: float = 0.0  # read + verify + warm-up; exported as fashion_model_load_seconds (issue 5)
+
+    @property
+    def sha256(self) -> str:
+        return self.card["weights"]["sha256"]
+
+    @property
+    def version(self) -> str:
+        return self.sha256[:12]
+
+    def __post_init__(self) -> None:
+        # build_model returns an nn.Sequential; its layers are called one by one in predict.
+        object.__setattr__(self, "layers", tuple(self.model) if isinstance(self.model, nn.Sequential) else None)
+
+    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        """[N, 1, 28, 28] normalized float inputs -> [N, 10] softmax probabilities on the CPU."""
+        with torch.inference_mode():
+            x = batch.to(self.device, non_blocking=True)
+            if self.layers is None:
+                x = self.model(x)
+            else:
+                # Sequential's forward without nn.Module.__call__'s hook machinery, which costs
+                # about as much as the arithmetic itself for one 28x28 image. Same ops, same result.
+                for layer in self.layers:
+                    x = layer.forward(x)
+            return torch.softmax(x, dim=1).cpu()
+
+
+class ModelRunner:
+    """Holds the served model and says whether the service is ready, and if not, why."""
+
+    def __init__(self, model_dir: str | os.PathLike, device: str = "cpu", reload_interval: float = 2.0) -> None:
+        self.model_dir = Path(model_dir)
+        self.device = torch.device(device)
+        self.reload_interval = reload_interval
+        self.current: LoadedModel | None = None
+        self.reason = "the model has not been loaded yet"
+        self._failed_signature: tuple | None = None
+        self._next_check = 0.0
+        # Only one thread (gthread workers) loads at a time; the others keep serving.
+        self._reload_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def ready(self) -> bool:
+        return self.current is not None
+
+    @property
+    def card(self) -> dict:
+        return self.current.card if self.current else {}
+
+    @property
+    def sha256(self) -> str | None:
+        return self.current.sha256 if self.current else None
+
+    @property
+    def version(self) -> str | None:
+        return self.current.version if self.current else None
+
+    @property
+    def name(self) -> str | None:
+        return self.current.card.get("name") if self.current else None
+
+    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        """[N, 1, 28, 28] -> [N, 10] softmax probabilities from the current model."""
+        current = self.current
+        if current is None:
+            raise RuntimeError(f"the model is not ready: {self.reason}")
+        return current.predict(batch)
+
+    # ------------------------------------------------------------------ loading
+
+    def load(self) -> bool:
+        """Load, verify and warm up the model in model_dir; swap it in on success.
+
+        Returns whether a new model is now served. On failure the previous model (if any)
+        stays, and ``reason`` says what is wrong when there is nothing to serve.
+        """
+        signature = _files_signature(self.model_dir)
+        started = time.perf_counter()
+        try:
+            model, card = load_checkpoint(self.model_dir, self.device)
+            loaded = LoadedModel(model=model, card=card, device=self.device, signature=signature)
+            self._warm_up(loaded)
+            loaded = replace(loaded, load_seconds=time.perf_counter() - started)
+        except CheckpointError as error:
+            self._failed_signature = signature
+            if self.current is None:
+                self.reason = f"cannot serve the model in {self.model_dir}: {error}"
+            log.warning(
+                "model not loaded from %s: %s%s",
+                self.model_dir,
+                error,
+                " (still serving the previous model)" if self.current else "",
+            )
+            return False
+        previous = self.current
+        self.current = loaded
+        self._failed_signature = None
+        self.reason = ""
+        log.info(
+            "serving model %s version %s on %s (previous: %s)",
+            loaded.card.get("name"),
+            loaded.version,
+            self.device,
+            previous.version if previous else "none",
+        )
+        return True
+
+    @staticmethod
+    def _warm_up(loaded: LoadedModel) -> None:
+        """One forward before serving: first-call allocations and kernel selection happen here."""
+        probabilities = loaded.predict(torch.zeros((2, *INPUT_SHAPE)))
+        if probabilities.shape != (2, NUM_CLASSES) or not torch.isfinite(probabilities).all():
+            raise CheckpointError("the warm-up forward did not produce finite probabilities")
+
+    def maybe_reload(self) -> None:
+        """Every reload_interval seconds at most: load the model again if its files changed."""
+        if self.reload_interval <= 0 and self.current is not None:
+            return
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        if not self._reload_lock.acquire(blocking=False):
+            return
+        try:
+            self._next_check = now + self.reload_interval
+            signature = _files_signature(self.model_dir)
+            if signature is None:
+                if self.current is None:
+                    self.reason = f"no model in {self.model_dir} (expected {CARD_FILE} and {WEIGHTS_FILE})"
+                return
+            known = self.current.signature if self.current else None
+            if signature != known and signature != self._failed_signature:
+                self.load()
+        finally:
+            self._reload_lock.release()
