@@ -122,30 +122,34 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the Fashion-MNIST MLP and write model.safetensors + model.json (+ plots).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--epochs", type=_positive_int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
+    parser.add_argument("--epochs", type=_positive_int, default=defaults.epochs, help="passes over the training set")
+    parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, help="images per step")
     parser.add_argument("--lr", type=_positive_float, default=defaults.lr, help="peak learning rate of the schedule")
-    parser.add_argument("--seed", type=_non_negative_int, default=defaults.seed)
+    parser.add_argument("--seed", type=_non_negative_int, default=defaults.seed, help="same seed, same weights")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda when available")
     parser.add_argument(
         "--data-dir",
         type=Path,
         default=None,
-        help="Fashion-MNIST root in torchvision layout (default: $FASHION_DATA or ./data; "
-        f"filled from {DEBIAN_DIR} or a download when empty)",
+        help="Fashion-MNIST root in torchvision layout; unset: $FASHION_DATA or ./data, "
+        f"filled from {DEBIAN_DIR} or a download when empty",
     )
     parser.add_argument(
         "--extra-data", type=Path, default=None, help="folder of your own images, one sub-folder per class name"
     )
-    parser.add_argument("--output-dir", type=Path, default=Path("models"))
+    parser.add_argument("--output-dir", type=Path, default=Path("models"), help="where the model is written")
     parser.add_argument("--init-from", type=Path, default=None, help="start from the model in this folder")
     parser.add_argument(
         "--freeze", action="store_true", help="with --init-from: train only the last layer (requires_grad=False)"
     )
-    parser.add_argument("--hidden-sizes", type=_hidden_sizes, default=defaults.hidden_sizes, metavar="H1,H2,...")
-    parser.add_argument("--dropout", type=_fraction, default=defaults.dropout)
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--label-smoothing", type=_fraction, default=defaults.label_smoothing)
+    parser.add_argument(
+        "--hidden-sizes", type=_hidden_sizes, default=defaults.hidden_sizes, metavar="H1,H2,...", help="MLP widths"
+    )
+    parser.add_argument("--dropout", type=_fraction, default=defaults.dropout, help="after each hidden ReLU")
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW's decoupled decay")
+    parser.add_argument(
+        "--label-smoothing", type=_fraction, default=defaults.label_smoothing, help="mixed into the one-hot targets"
+    )
     parser.add_argument(
         "--hflip", type=_fraction, default=defaults.hflip, help="probability of mirroring a training image"
     )
