@@ -210,13 +210,18 @@ def warm_up_decoding(max_pixels: int) -> None:
 def register_routes(app: Flask, settings: Settings, runner: ModelRunner) -> None:
     max_batch, max_pixels = settings.max_batch, settings.max_image_pixels
 
-    @app.post("/predict")
-    def predict() -> Response:
-        """Posted image(s) -> class probabilities and label(s)."""
+    def serving_model():
+        """The verified model to answer with (a newer one if it just landed), or a 503 saying why not."""
         runner.maybe_reload()
         model = runner.current
         if model is None:
-            return error_response(503, "model_not_ready", runner.reason)
+            raise ServiceError(503, "model_not_ready", runner.reason)
+        return model
+
+    @app.post("/predict")
+    def predict() -> Response:
+        """Posted image(s) -> class probabilities and label(s)."""
+        model = serving_model()
         top_k, invert = parse_options(request.args)
         blobs, batch = read_images(max_batch)
         # Through the metrics (service/metrics.py): inference time, batch size, classes, confidence.
@@ -238,19 +243,13 @@ def register_routes(app: Flask, settings: Settings, runner: ModelRunner) -> None
     @app.get("/readyz")
     def readyz() -> Response:
         """Readiness: a verified model is loaded and warmed up."""
-        runner.maybe_reload()
-        model = runner.current
-        if model is None:
-            return error_response(503, "model_not_ready", runner.reason)
+        model = serving_model()
         return json_response({"status": "ready", "model": {"name": model.card.get("name"), "version": model.version}})
 
     @app.get("/model")
     def model_card() -> Response:
         """The model card of the served model, plus where and how it runs."""
-        runner.maybe_reload()
-        model = runner.current
-        if model is None:
-            return error_response(503, "model_not_ready", runner.reason)
+        model = serving_model()
         return json_response(
             {
                 **model.card,

@@ -512,6 +512,12 @@ def test_hot_reload_swaps_only_a_complete_pair(start_gunicorn, bias_model, tmp_p
     old_sha = read_card(directory)["weights"]["sha256"]
     server = start_gunicorn(directory, env={"RELOAD_INTERVAL": "0.2"}, workers=2)
     assert post_png(server, png(0)).json()["model"]["sha256"] == old_sha
+    # Both workers hold the old model before the files change (a worker still booting would
+    # find nothing it may serve and rightly answer 503).
+    deadline = time.monotonic() + 60
+    while server.log_text().count(f"version {old_sha[:12]} on") < 2:
+        assert time.monotonic() < deadline, "the second worker did not load the model"
+        time.sleep(0.1)
 
     staging = tmp_path / "staging"
     new_sha = save_bias_model(staging, FALLING)["weights"]["sha256"]

@@ -463,11 +463,6 @@ def check_writable(output_dir: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        check_writable(args.output_dir)
-    except OSError as error:
-        print(f"error: cannot write the model to {args.output_dir}: {error.strerror or error}", file=sys.stderr)
-        return 2
     config = config_from_args(args)
     device = resolve_device(args.device)
     # bf16 autocast only where the hardware has it (elsewhere it is slower than float32); the card says which ran.
@@ -481,6 +476,11 @@ def main(args: argparse.Namespace) -> int:
         extra = ImageFolderDataset(args.extra_data) if args.extra_data is not None else None
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        check_writable(args.output_dir)
+    except OSError as error:
+        print(f"error: cannot write the model to {args.output_dir}: {error.strerror or error}", file=sys.stderr)
         return 2
     data = {
         "source": source,
