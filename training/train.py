@@ -46,8 +46,8 @@ class TrainConfig:
     """Hyper-parameters; the defaults are the shipped model's recipe."""
 
     epochs: int = 30
-    batch_size: int = 512
-    lr: float = 3e-3
+    batch_size: int = 1024
+    lr: float = 4e-3
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
     hflip: float = 0.0
