@@ -9,6 +9,7 @@ disagrees with them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -237,6 +238,24 @@ def to_fashion_mnist(image: Image.Image, invert: InvertMode = "auto") -> Image.I
     return fit_to_canvas(gray)
 
 
+def _input_table() -> np.ndarray:
+    """pixels_to_input of each of the 256 pixel values, so images are normalized with one lookup.
+
+    pixels_to_input is elementwise, so looking every pixel up gives bit for bit what calling
+    it gives (tests check it on the real test set), at a tenth of the per-request cost.
+    """
+    values = pixels_to_input(torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16)).flatten()
+    return values.numpy().copy()
+
+
+INPUT_TABLE = _input_table()
+
+
+def canvases_to_input(canvases: Sequence[Image.Image]) -> torch.Tensor:
+    """28x28 grayscale canvases (to_fashion_mnist's output) -> the normalized batch [N, 1, 28, 28]."""
+    return torch.from_numpy(INPUT_TABLE[np.stack([np.asarray(canvas) for canvas in canvases])[:, None]])
+
+
 def preprocess(image: Image.Image, invert: InvertMode = "auto") -> torch.Tensor:
     """One decoded image -> the normalized float32 tensor [1, 28, 28] the model takes."""
-    return feature_transform()(to_fashion_mnist(image, invert))
+    return canvases_to_input([to_fashion_mnist(image, invert)])[0]

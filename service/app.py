@@ -21,15 +21,15 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from flask import Flask, Response, g, request, send_from_directory
 from PIL import Image
 from werkzeug.exceptions import HTTPException
 
-from fashion.contract import CLASS_NAMES, INVERT_MODES, NUM_CLASSES, pixels_to_input, to_fashion_mnist
+from fashion.contract import CLASS_NAMES, INVERT_MODES, NUM_CLASSES, canvases_to_input, to_fashion_mnist
 from fashion.images import ImageError, decode_image
 from service.config import Settings
+from service.interop import register_interop
 from service.model import ModelRunner
 
 log = logging.getLogger("service")
@@ -128,7 +128,7 @@ def read_images(max_batch: int) -> tuple[list[bytes], bool]:
 
 def to_inputs(blobs: list[bytes], invert: str, max_pixels: int) -> torch.Tensor:
     """Image bytes -> the normalized [N, 1, 28, 28] batch, with the shared contract's preprocessing."""
-    pixels = []
+    canvases = []
     for index, blob in enumerate(blobs):
         where = f"image {index}: " if len(blobs) > 1 else ""
         try:
@@ -136,25 +136,11 @@ def to_inputs(blobs: list[bytes], invert: str, max_pixels: int) -> torch.Tensor:
         except ImageError as error:
             raise ServiceError(error.status, error.code, f"{where}{error}") from None
         try:
-            pixels.append(np.asarray(to_fashion_mnist(image, invert)))
+            canvases.append(to_fashion_mnist(image, invert))
         except Exception as error:  # a decodable image in a layout preprocessing cannot take
             log.warning("preprocessing failed for a %s %s image: %r", image.format, image.mode, error)
             raise ServiceError(400, "invalid_image", f"{where}the image cannot be converted to grayscale") from None
-    return torch.from_numpy(INPUT_TABLE[np.stack(pixels)[:, None]])
-
-
-def input_table() -> np.ndarray:
-    """pixels_to_input for each of the 256 pixel values, so a batch is normalized with one lookup.
-
-    pixels_to_input is elementwise, so looking each pixel up gives bit for bit what calling it
-    on the image gives (tests/test_service_unit.py checks it on the real test set), for a
-    tenth of the per-request cost of torchvision's Normalize.
-    """
-    values = pixels_to_input(torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16)).flatten()
-    return values.numpy().copy()
-
-
-INPUT_TABLE = input_table()
+    return canvases_to_input(canvases)
 
 
 def encode_prediction(probabilities: list[float], top_k: int) -> dict:
@@ -193,9 +179,7 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
     register_request_hooks(app, settings)
     register_error_handlers(app)
     register_routes(app, settings, runner)
-    # Issue 5 (service/interop.py): /metrics and its request hooks, the v2 protocol, /openapi.json, /docs.
-    from service.interop import register_interop
-
+    # /metrics and its request hooks, the v2 protocol, /openapi.json, /docs.
     register_interop(app)
     return app
 

@@ -28,7 +28,7 @@ except ConfigError as _error:
 
 import service.app  # noqa: F401  (imported in the master only to share its pages with the workers)
 
-# Issue 5: Prometheus multi-process mode (service/metrics.py). Each server start gets a fresh
+# Prometheus multi-process mode (service/metrics.py). Each server start gets a fresh
 # metrics directory that the workers inherit (on_starting); a dead worker's live gauges are
 # dropped (child_exit); the directory is removed at exit (on_exit).
 from service.metrics import gunicorn_child_exit as child_exit  # noqa: F401
@@ -59,7 +59,7 @@ worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
 def on_starting(server):
-    gunicorn_on_starting(server)  # issue 5: a fresh PROMETHEUS_MULTIPROC_DIR before any worker forks
+    gunicorn_on_starting(server)  # a fresh PROMETHEUS_MULTIPROC_DIR before any worker forks
     server.log.info(
         "fashion-serve: model_dir=%s device=%s workers=%d torch_threads=%d max_batch=%d max_upload_bytes=%d",
         _settings.model_dir,

@@ -48,7 +48,7 @@ class LoadedModel:
     card: dict
     device: torch.device
     signature: tuple | None
-    load_seconds: float = 0.0  # read + verify + warm-up; exported as fashion_model_load_seconds (issue 5)
+    load_seconds: float = 0.0  # read + verify + warm-up; exported as fashion_model_load_seconds
 
     @property
     def sha256(self) -> str:

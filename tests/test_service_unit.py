@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fashion.contract import FEATURE_TRANSFORM, pixels_to_input
-from service.app import INPUT_TABLE, to_inputs
+from fashion.contract import FEATURE_TRANSFORM, INPUT_TABLE, pixels_to_input
+from service.app import to_inputs
 from service.config import DEFAULT_MODEL_DIR, PROJECT_ROOT, ConfigError, Settings, usable_cpus
 
 
