@@ -45,7 +45,7 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _write_atomically(path: Path, data: bytes) -> Path:
+def _write_temporary(path: Path, data: bytes) -> Path:
     """Write ``data`` to a fsynced temporary file beside ``path``; return the temporary path."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp-write")
     try:
@@ -61,6 +61,11 @@ def _write_atomically(path: Path, data: bytes) -> Path:
             os.unlink(tmp)
         raise
     return Path(tmp)
+
+
+def write_file_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so a reader sees the old or the new complete file, never a part."""
+    os.replace(_write_temporary(path, data), path)
 
 
 @contextlib.contextmanager
@@ -99,9 +104,9 @@ def save_checkpoint(model: nn.Module, card: dict, output_dir: str | os.PathLike)
         "weights": {"file": WEIGHTS_FILE, "sha256": sha256_bytes(weights), "bytes": len(weights)},
     }
     card_bytes = (json.dumps(card, indent=2, sort_keys=False) + "\n").encode()
-    tmp_weights = _write_atomically(output_dir / WEIGHTS_FILE, weights)
+    tmp_weights = _write_temporary(output_dir / WEIGHTS_FILE, weights)
     try:
-        tmp_card = _write_atomically(output_dir / CARD_FILE, card_bytes)
+        tmp_card = _write_temporary(output_dir / CARD_FILE, card_bytes)
     except BaseException:
         tmp_weights.unlink(missing_ok=True)
         raise
@@ -126,7 +131,7 @@ def _keep_previous_weights(output_dir: Path) -> Path | None:
     try:
         os.link(current, tmp)
     except OSError:  # a file system without hard links: pay for a copy instead
-        os.replace(_write_atomically(previous, current.read_bytes()), previous)
+        write_file_atomically(previous, current.read_bytes())
     else:
         os.replace(tmp, previous)
     return previous

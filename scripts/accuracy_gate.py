@@ -29,14 +29,19 @@ def card_path(path: Path) -> Path:
 
 
 def card_accuracy(card_file: Path) -> float:
-    """The card's ``metrics.test_accuracy`` (a fraction), or GateError."""
+    """The card's ``metrics.test_accuracy`` (a fraction), or GateError.
+
+    Reads the card as ``fashion.checkpoint.read_card`` does, with the same messages, but without
+    importing it: that module needs torch, and the gate runs on the host's bare python3 (retrain.sh).
+    """
     try:
         card = json.loads(card_file.read_text())
     except FileNotFoundError:
         raise GateError(f"no model card at {card_file}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise GateError(f"the model card {card_file} cannot be read: {error}") from None
-    accuracy = card.get("metrics", {}).get("test_accuracy") if isinstance(card, dict) else None
+    metrics = card.get("metrics") if isinstance(card, dict) else None
+    accuracy = metrics.get("test_accuracy") if isinstance(metrics, dict) else None
     if isinstance(accuracy, bool) or not isinstance(accuracy, int | float) or not 0.0 <= accuracy <= 1.0:
         raise GateError(f"the model card {card_file} has no metrics.test_accuracy between 0 and 1")
     return float(accuracy)

@@ -62,6 +62,14 @@ def run_cli(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
     )
 
 
+def small_run(data_root: Path, output_dir: Path, *more: str) -> list[str]:
+    """CLI arguments for a one-epoch run on 500 real images with a 16-unit model."""
+    return [
+        *("--data-dir", str(data_root), "--epochs", "1", "--limit-train", "500", "--hidden-sizes", "16"),
+        *("--no-download", "--output-dir", str(output_dir), *more),
+    ]
+
+
 def subset(dataset, n: int) -> TensorBatchDataset:
     part = TensorBatchDataset([dataset])
     part.inputs, part.target_vectors = part.inputs[:n], part.target_vectors[:n]
@@ -147,6 +155,8 @@ def test_image_folder_dataset_reads_any_format(tmp_path, test_set):
         "ankle boot/boot.webp",
         "Sneaker/s.bmp",
     }
+    photo = dataset.root / "T-shirt_top" / "photo.jpg"
+    assert dataset.checksums()["T-shirt_top/photo.jpg"] == hashlib.sha256(photo.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize(
@@ -261,23 +271,7 @@ def test_freeze_leaves_only_the_last_layer_trainable():
 def test_extra_data_is_added_to_the_training_set(tmp_path, data_root, test_set):
     extra = make_folder(tmp_path / "extra", test_set)
     out = tmp_path / "out"
-    argv = [
-        "--data-dir",
-        str(data_root),
-        "--extra-data",
-        str(extra),
-        "--epochs",
-        "1",
-        "--limit-train",
-        "500",
-        "--hidden-sizes",
-        "16",
-        "--no-plots",
-        "--no-download",
-        "--output-dir",
-        str(out),
-    ]
-    assert main(parse_args(argv)) == 0
+    assert main(parse_args(small_run(data_root, out, "--extra-data", str(extra), "--no-plots"))) == 0
     card = read_card(out)
     assert card["data"]["extra"]["images"] == 4
     assert "T-shirt_top/photo.jpg" in card["data"]["extra"]["files_sha256"]
@@ -306,13 +300,7 @@ def test_unwritable_output_dir_fails_before_training(tmp_path, data_root):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     out = blocker / "models"
-    result = subprocess.run(
-        [sys.executable, "-m", "training", "--data-dir", str(data_root), "--no-download", "--output-dir", str(out)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_cli("--data-dir", str(data_root), "--no-download", "--output-dir", str(out), timeout=120)
     assert result.returncode == 2, result.stderr
     assert "cannot write the model to" in result.stderr
     assert "training on" not in result.stderr  # refused before a single epoch ran
@@ -339,7 +327,16 @@ def test_bad_extra_data_fails_before_training(tmp_path, data_root):
 
 @pytest.mark.parametrize(
     "argv",
-    [["--epochs", "0"], ["--batch-size", "x"], ["--lr", "-1"], ["--device", "tpu"], ["--freeze"], ["--dropout", "1"]],
+    [
+        ["--epochs", "0"],
+        ["--batch-size", "x"],
+        ["--lr", "-1"],
+        ["--lr", "nan"],
+        ["--weight-decay", "-1"],
+        ["--device", "tpu"],
+        ["--freeze"],
+        ["--dropout", "1"],
+    ],
 )
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -380,22 +377,7 @@ def test_training_killed_mid_save_leaves_the_old_model(tmp_path, data_root, kill
     old_files = {p.name: p.read_bytes() for p in out.iterdir()}
 
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            KILLABLE,
-            "--data-dir",
-            str(data_root),
-            "--epochs",
-            "1",
-            "--limit-train",
-            "500",
-            "--hidden-sizes",
-            "16",
-            "--no-download",
-            "--output-dir",
-            str(out),
-        ],
+        [sys.executable, "-c", KILLABLE, *small_run(data_root, out)],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -451,10 +433,11 @@ def test_training_killed_between_the_two_renames_still_serves_the_old_model(tmp_
     old_model = build_model(ModelConfig(hidden_sizes=(16,))).eval()
     save_checkpoint(old_model, {"architecture": {"hidden_sizes": [16]}}, out)
     old_card = (out / CARD_FILE).read_bytes()
-    argv = ["--data-dir", str(data_root), "--epochs", "1", "--limit-train", "500", "--hidden-sizes", "16"]
-    argv += ["--no-download", "--no-plots", "--output-dir", str(out)]
     process = subprocess.Popen(
-        [sys.executable, "-c", KILLED_BETWEEN_RENAMES, *argv], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", KILLED_BETWEEN_RENAMES, *small_run(data_root, out, "--no-plots")],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         for line in process.stdout:

@@ -27,7 +27,17 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision.datasets import FashionMNIST
 
-from fashion.contract import CLASS_NAMES, FEATURE_TRANSFORM, NUM_CLASSES, one_hot, pixels_to_input, preprocess
+from fashion.contract import (
+    CLASS_NAMES,
+    FEATURE_TRANSFORM,
+    INPUT_HEIGHT,
+    INPUT_WIDTH,
+    NUM_CLASSES,
+    InvertMode,
+    one_hot,
+    pixels_to_input,
+    preprocess,
+)
 from fashion.images import ImageError, decode_image
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -141,7 +151,7 @@ def file_checksums(root: str | os.PathLike) -> dict[str, str]:
 
 
 class BatchFetchMixin:
-    """``__getitems__`` for datasets holding ready ``inputs`` and one-hot ``target_vectors`` tensors.
+    """Item and batch access for datasets holding ready ``inputs`` and one-hot ``target_vectors`` tensors.
 
     DataLoader calls ``__getitems__`` with a whole batch of indices, so a batch is two tensor
     gathers instead of ``batch_size`` Python calls; ``collate_batch`` passes it through.
@@ -149,6 +159,9 @@ class BatchFetchMixin:
 
     inputs: torch.Tensor
     target_vectors: torch.Tensor
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[index], self.target_vectors[index]
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(indices, dtype=torch.long, device=self.inputs.device)
@@ -176,9 +189,10 @@ class FastFashionMNIST(BatchFetchMixin, FashionMNIST):
     def __init__(self, root: str | os.PathLike, train: bool = True, download: bool = False) -> None:
         super().__init__(root, train=train, download=download, transform=FEATURE_TRANSFORM, target_transform=one_hot)
         expected = EXPECTED_SIZES[train]
-        if len(self.data) != expected or tuple(self.data.shape[1:]) != (28, 28):
+        if tuple(self.data.shape) != (expected, INPUT_HEIGHT, INPUT_WIDTH):
             raise DataError(
-                f"{raw_folder(root)} holds {tuple(self.data.shape)} images, expected ({expected}, 28, 28): "
+                f"{raw_folder(root)} holds {tuple(self.data.shape)} images, "
+                f"expected ({expected}, {INPUT_HEIGHT}, {INPUT_WIDTH}): "
                 "delete the folder and run again"
             )
         self.inputs = pixels_to_input(self.data)
@@ -192,9 +206,6 @@ class FastFashionMNIST(BatchFetchMixin, FashionMNIST):
     @property
     def processed_folder(self) -> str:
         return str(Path(self.root) / "FashionMNIST" / "processed")
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.inputs[index], self.target_vectors[index]
 
     def per_item(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The stock torchvision path: PIL image -> transform, label -> target_transform."""
@@ -210,9 +221,6 @@ class TensorBatchDataset(BatchFetchMixin, Dataset):
 
     def __len__(self) -> int:
         return len(self.inputs)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.inputs[index], self.target_vectors[index]
 
 
 # --------------------------------------------------------------------------- user images
@@ -240,7 +248,7 @@ class ImageFolderDataset(BatchFetchMixin, Dataset):
     file stops the run before training with an error naming it. Hidden files are ignored.
     """
 
-    def __init__(self, root: str | os.PathLike, invert: str = "auto") -> None:
+    def __init__(self, root: str | os.PathLike, invert: InvertMode = "auto") -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"extra data folder {self.root} does not exist or is not a folder")
@@ -263,13 +271,16 @@ class ImageFolderDataset(BatchFetchMixin, Dataset):
         if not self.samples:
             raise DataError(f"{self.root}: no class folders with images found")
         inputs = []
+        self._sha256: dict[str, str] = {}
         for file, _ in self.samples:
             try:
-                inputs.append(preprocess(decode_image(file.read_bytes()), invert=invert))
+                data = file.read_bytes()
+                inputs.append(preprocess(decode_image(data), invert=invert))
             except ImageError as error:
                 raise DataError(f"{file}: cannot use this image: {error}") from None
             except OSError as error:
                 raise DataError(f"{file}: cannot read: {error.strerror or error}") from None
+            self._sha256[str(file.relative_to(self.root))] = hashlib.sha256(data).hexdigest()
         self.inputs = torch.stack(inputs)
         self.targets = torch.tensor([label for _, label in self.samples], dtype=torch.long)
         self.target_vectors = F.one_hot(self.targets, NUM_CLASSES).to(torch.float32)
@@ -277,11 +288,6 @@ class ImageFolderDataset(BatchFetchMixin, Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.inputs[index], self.target_vectors[index]
-
     def checksums(self) -> dict[str, str]:
-        """SHA-256 of every image, keyed by its path relative to the folder (for the model card)."""
-        return {
-            str(file.relative_to(self.root)): hashlib.sha256(file.read_bytes()).hexdigest() for file, _ in self.samples
-        }
+        """SHA-256 of every image as it was read and trained on, keyed by its path relative to the folder."""
+        return dict(self._sha256)

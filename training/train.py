@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
+import math
 import platform
 import sys
 import tempfile
@@ -22,8 +22,14 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fashion.checkpoint import CheckpointError, _write_atomically, load_checkpoint, save_checkpoint, sha256_bytes
-from fashion.contract import CLASS_NAMES, MEAN, NUM_CLASSES, STD, ModelConfig, build_model
+from fashion.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    sha256_bytes,
+    write_file_atomically,
+)
+from fashion.contract import CLASS_NAMES, NUM_CLASSES, ModelConfig, build_model, pixels_to_input
 from training.data import (
     DEBIAN_DIR,
     DataError,
@@ -39,6 +45,8 @@ from training.data import (
 CURVES_FILE = "training-curves.png"
 CONFUSION_FILE = "confusion-matrix.png"
 EVAL_BATCH = 2_000
+# A black pixel as the contract prepares it: what random_shift brings in at the borders.
+BLACK = pixels_to_input(torch.zeros(1, 1, dtype=torch.uint8)).item()
 
 
 @dataclass
@@ -65,44 +73,26 @@ class TrainConfig:
 # --------------------------------------------------------------------------- CLI
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _number(convert, what: str, accept, requirement: str):
+    """An argparse ``type`` that parses with ``convert`` and refuses values ``accept`` rejects (exit 2)."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
+_positive_int = _number(int, "an integer", lambda v: v >= 1, "at least 1")
+_non_negative_int = _number(int, "an integer", lambda v: v >= 0, "at least 0")
+_positive_float = _number(float, "a number", lambda v: 0 < v < math.inf, "a positive number")  # NaN fails too
+_non_negative_float = _number(float, "a number", lambda v: 0 <= v < math.inf, "a non-negative number")
+_fraction = _number(float, "a number", lambda v: 0.0 <= v < 1.0, "in [0, 1)")
 
 
 def _hidden_sizes(text: str) -> tuple[int, ...]:
@@ -146,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--hidden-sizes", type=_hidden_sizes, default=defaults.hidden_sizes, metavar="H1,H2,...", help="MLP widths"
     )
     parser.add_argument("--dropout", type=_fraction, default=defaults.dropout, help="after each hidden ReLU")
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW's decoupled decay")
+    parser.add_argument(
+        "--weight-decay", type=_non_negative_float, default=defaults.weight_decay, help="AdamW's decoupled decay"
+    )
     parser.add_argument(
         "--label-smoothing", type=_fraction, default=defaults.label_smoothing, help="mixed into the one-hot targets"
     )
@@ -221,8 +213,7 @@ def freeze_all_but_last(model: nn.Sequential) -> None:
 def random_shift(inputs: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
     """Translate each image by up to ``shift`` pixels each way, filling with the background value."""
     count, _, height, width = inputs.shape
-    background = (0.0 - MEAN) / STD  # black, normalized
-    padded = F.pad(inputs, (shift, shift, shift, shift), value=background)
+    padded = F.pad(inputs, (shift, shift, shift, shift), value=BLACK)
     dy = torch.randint(0, 2 * shift + 1, (count,), generator=generator).to(inputs.device)
     dx = torch.randint(0, 2 * shift + 1, (count,), generator=generator).to(inputs.device)
     rows = (dy[:, None] + torch.arange(height, device=inputs.device))[:, :, None]
@@ -309,7 +300,7 @@ def train(
             correct = correct + (logits.argmax(dim=1) == targets.argmax(dim=1)).sum()
             if bar is not loader and bar.n % 20 == 0:
                 bar.set_postfix(loss=f"{(loss_sum / seen).item():.4f}", acc=f"{(correct / seen).item():.4f}")
-        train_loss, train_acc = (loss_sum / seen).item(), (correct / seen).item() if seen else 0.0
+        train_loss, train_acc = (loss_sum / seen).item(), (correct / seen).item()
         test_acc, test_loss, _ = evaluate(model, test_set.inputs, test_labels)
         entry = {
             "epoch": epoch,
@@ -400,8 +391,7 @@ def write_outputs(model: nn.Module, card: dict, output_dir: Path, plots: dict[st
     output_dir.mkdir(parents=True, exist_ok=True)
     card = {**card, "plots": {name: sha256_bytes(data) for name, data in plots.items()}}
     for name, data in plots.items():
-        tmp = _write_atomically(output_dir / name, data)
-        os.replace(tmp, output_dir / name)
+        write_file_atomically(output_dir / name, data)
     return save_checkpoint(model, card, output_dir)
 
 
