@@ -43,17 +43,29 @@ from tests.serverutil import ServerHandle, start_server  # noqa: E402
 CEILING_APP = "benchmarks.ceiling_app:create_app()"
 BOUNDARY = "fashionbenchboundary"
 
+# The one wrk script of both benchmarks (bench_v2.py too); run_wrk sets its environment.
 LUA_SCRIPT = r"""
--- Cycles through the request bodies in BODY_DIR (0.bin, 1.bin, ...), all with CONTENT_TYPE.
-local dir, ctype = os.getenv("BODY_DIR"), os.getenv("CONTENT_TYPE")
+-- POSTs the request bodies in BODY_DIR (0.bin, 1.bin, ...) to REQUEST_PATH in turn, each with
+-- Content-Type CONTENT_TYPE (when set) and the headers in N.headers ("Name: value" lines) if present.
+local dir, path, ctype = os.getenv("BODY_DIR"), os.getenv("REQUEST_PATH"), os.getenv("CONTENT_TYPE")
 local requests_, n, i = {}, 0, 0
 function init(args)
   while true do
     local f = io.open(dir .. "/" .. n .. ".bin", "rb")
     if not f then break end
     local body = f:read("*a"); f:close()
+    local headers = {}
+    if ctype then headers["Content-Type"] = ctype end
+    local h = io.open(dir .. "/" .. n .. ".headers", "r")
+    if h then
+      for line in h:lines() do
+        local k, v = line:match("^([^:]+):%s*(.*)$")
+        if k then headers[k] = v end
+      end
+      h:close()
+    end
     n = n + 1
-    requests_[n] = wrk.format("POST", "/predict", {["Content-Type"] = ctype}, body)
+    requests_[n] = wrk.format("POST", path, headers, body)
   end
 end
 function request()
@@ -71,19 +83,25 @@ end
 """
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def wrk_parser(description: str, duration: int, connections: list[int]) -> argparse.ArgumentParser:
+    """The options of both benchmarks: model and data, server workers, wrk runs, JSON output."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model-dir", type=Path, default=PROJECT_ROOT / "models")
     parser.add_argument("--data-dir", type=Path, default=PROJECT_ROOT / "data")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
+    parser.add_argument("--duration", type=int, default=duration, help="seconds per wrk run")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per setting (median reported)")
-    parser.add_argument("--connections", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--connections", type=int, nargs="+", default=connections)
+    parser.add_argument("--wrk-threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = wrk_parser(__doc__.split("\n\n")[0], duration=8, connections=[8, 32])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--batch-connections", type=int, default=4)
-    parser.add_argument("--wrk-threads", type=int, default=2)
     parser.add_argument("--starts", type=int, default=3, help="cold starts timed")
-    parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args(argv)
 
 
@@ -121,10 +139,21 @@ def worker_cpu_seconds(handle: ServerHandle) -> dict[int, float]:
     return seconds
 
 
-def run_wrk(handle: ServerHandle, script: Path, body_dir: Path, content_type: str, connections: int, args) -> dict:
-    """One wrk run; adds req/s, failures and the workers' CPU time per request (less sensitive to other load)."""
-    url = handle.url
-    env = {"BODY_DIR": str(body_dir), "CONTENT_TYPE": content_type, "PATH": "/usr/bin:/bin"}
+def run_wrk(
+    handle: ServerHandle,
+    script: Path,
+    body_dir: Path,
+    content_type: str | None,
+    connections: int,
+    args,
+    path: str = "/predict",
+) -> dict:
+    """One wrk run of LUA_SCRIPT POSTing body_dir's bodies to ``path`` (with ``content_type``, or
+    each body's own headers); adds req/s, failures and the workers' CPU time per request (less
+    sensitive to other load)."""
+    env = {"BODY_DIR": str(body_dir), "REQUEST_PATH": path, "PATH": "/usr/bin:/bin"}
+    if content_type is not None:
+        env["CONTENT_TYPE"] = content_type
     command = [
         "wrk",
         f"-t{min(args.wrk_threads, connections)}",
@@ -134,7 +163,7 @@ def run_wrk(handle: ServerHandle, script: Path, body_dir: Path, content_type: st
         "10s",
         "-s",
         str(script),
-        url + "/predict",
+        handle.url + path,
     ]
     cpu_before = worker_cpu_seconds(handle)
     output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout

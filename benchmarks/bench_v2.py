@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,61 +36,25 @@ import requests  # noqa: E402
 import torch  # noqa: E402
 from torchvision.datasets import FashionMNIST  # noqa: E402
 
-from benchmarks.bench_serving import CEILING_APP, png, pss_mb, write_bodies  # noqa: E402
+from benchmarks.bench_serving import (  # noqa: E402
+    CEILING_APP,
+    LUA_SCRIPT,
+    png,
+    pss_mb,
+    run_wrk,
+    write_bodies,
+    wrk_parser,
+)
 from fashion.checkpoint import MODEL_NAME, save_checkpoint  # noqa: E402
 from fashion.contract import ModelConfig, build_model, pixels_to_input  # noqa: E402
+from service.v2 import HEADER_LENGTH  # noqa: E402
 from tests.serverutil import start_server  # noqa: E402
 
 INFER_PATH = f"/v2/models/{MODEL_NAME}/infer"
-HEADER_LENGTH = "Inference-Header-Content-Length"
-
-# Cycles through BODY_DIR/N.bin, each sent with the headers in BODY_DIR/N.headers ("Name: value" lines).
-LUA_SCRIPT = r"""
-local dir, path = os.getenv("BODY_DIR"), os.getenv("REQUEST_PATH")
-local requests_, n, i = {}, 0, 0
-function init(args)
-  while true do
-    local f = io.open(dir .. "/" .. n .. ".bin", "rb")
-    if not f then break end
-    local body = f:read("*a"); f:close()
-    local headers = {}
-    local h = io.open(dir .. "/" .. n .. ".headers", "r")
-    if h then
-      for line in h:lines() do
-        local k, v = line:match("^([^:]+):%s*(.*)$")
-        if k then headers[k] = v end
-      end
-      h:close()
-    end
-    n = n + 1
-    requests_[n] = wrk.format("POST", path, headers, body)
-  end
-end
-function request()
-  i = i % n + 1
-  return requests_[i]
-end
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    '{"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, "errors": %d}\n',
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
-    e.connect + e.read + e.write + e.status + e.timeout))
-end
-"""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-dir", type=Path, default=PROJECT_ROOT / "models")
-    parser.add_argument("--data-dir", type=Path, default=PROJECT_ROOT / "data")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per endpoint (median reported)")
-    parser.add_argument("--connections", type=int, nargs="+", default=[32])
-    parser.add_argument("--wrk-threads", type=int, default=2)
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    return parser.parse_args(argv)
+    return wrk_parser(__doc__.split("\n\n")[0], duration=5, connections=[32]).parse_args(argv)
 
 
 # --------------------------------------------------------------------------- request bodies
@@ -125,6 +88,7 @@ def v2_image_body(image: bytes) -> tuple[bytes, dict]:
 
 
 def write_requests(directory: Path, requests_: list[tuple[bytes, dict]]) -> Path:
+    """N.bin and N.headers for each (body, headers): LUA_SCRIPT sends each body with its headers."""
     write_bodies(directory, [body for body, _ in requests_])
     for i, (_, headers) in enumerate(requests_):
         (directory / f"{i}.headers").write_text("".join(f"{k}: {v}\n" for k, v in headers.items()))
@@ -140,16 +104,6 @@ def check_bodies(url: str, path: str, directory: Path) -> None:
         answer = requests.post(url + path, data=body_file.read_bytes(), headers=headers, timeout=10)
         if answer.status_code != 200:
             raise SystemExit(f"{path} refused a benchmark body: {answer.status_code} {answer.text[:300]}")
-
-
-def run_wrk(url: str, path: str, script: Path, body_dir: Path, connections: int, args) -> dict:
-    env = {"BODY_DIR": str(body_dir), "REQUEST_PATH": path, "PATH": "/usr/bin:/bin"}
-    command = ["wrk", f"-t{min(args.wrk_threads, connections)}", f"-c{connections}", f"-d{args.duration}s",
-               "--timeout", "10s", "-s", str(script), url + path]  # fmt: skip
-    output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
-    result = json.loads(output.strip().splitlines()[-1])
-    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
-    return result
 
 
 # --------------------------------------------------------------------------- hook cost
@@ -265,16 +219,16 @@ def main(args: argparse.Namespace) -> dict:
     try:
         for name, (path, directory) in bodies.items():
             check_bodies((ceiling if name == "ceiling" else service).url, path, directory)
+        warm_up = argparse.Namespace(**{**vars(args), "duration": 1})
         for name, (path, directory) in bodies.items():  # warm-up: first requests, page faults
-            run_wrk((ceiling if name == "ceiling" else service).url, path, script, directory, 8,
-                    argparse.Namespace(**{**vars(args), "duration": 1}))  # fmt: skip
+            run_wrk(ceiling if name == "ceiling" else service, script, directory, None, 8, warm_up, path)
         table: dict = {}
         for connections in args.connections:
             runs: dict[str, list[dict]] = {name: [] for name in bodies}
             for _ in range(args.repeats):
                 for name, (path, directory) in bodies.items():
-                    url = (ceiling if name == "ceiling" else service).url
-                    runs[name].append(run_wrk(url, path, script, directory, connections, args))
+                    handle = ceiling if name == "ceiling" else service
+                    runs[name].append(run_wrk(handle, script, directory, None, connections, args, path))
             table[connections] = {}
             for name, rs in runs.items():
                 ratios = [r["rps"] / c["rps"] for r, c in zip(rs, runs["ceiling"], strict=True)]
@@ -283,7 +237,7 @@ def main(args: argparse.Namespace) -> dict:
                     "p50_ms": statistics.median(r["p50_us"] for r in rs) / 1000,
                     "p99_ms": statistics.median(r["p99_us"] for r in rs) / 1000,
                     "ratio_to_ceiling": statistics.median(ratios),
-                    "errors": sum(r["errors"] for r in rs),
+                    "errors": sum(r["failed"] for r in rs),
                     "rps_all": [round(r["rps"]) for r in rs],
                 }
         results["single_image"] = table

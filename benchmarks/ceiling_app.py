@@ -1,4 +1,4 @@
-"""The HTTP ceiling for bench_serving.py: a constant-JSON Flask endpoint, served by the same
+"""The HTTP ceiling for bench_serving.py and bench_v2.py: a constant-JSON Flask endpoint, served by the same
 gunicorn config as the product (``benchmarks.ceiling_app:create_app()``); not part of the service."""
 
 from flask import Flask, request

@@ -29,7 +29,6 @@ from werkzeug.exceptions import HTTPException
 from fashion.contract import CLASS_NAMES, INVERT_MODES, NUM_CLASSES, canvases_to_input, to_fashion_mnist
 from fashion.images import ImageError, decode_image
 from service.config import Settings
-from service.interop import register_interop
 from service.model import ModelRunner
 
 log = logging.getLogger("service")
@@ -179,7 +178,10 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
     register_request_hooks(app, settings)
     register_error_handlers(app)
     register_routes(app, settings, runner)
-    # /metrics and its request hooks, the v2 protocol, /openapi.json, /docs.
+    # /metrics and its request hooks, the v2 protocol, /openapi.json, /docs. Imported here: the v2
+    # protocol reuses this module's request steps (to_inputs, json_response, runner_of).
+    from service.interop import register_interop
+
     register_interop(app)
     return app
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from service import v2
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 SWAGGER_ASSETS = frozenset({"swagger-ui.css", "swagger-ui-bundle.js", "favicon-32x32.png", "favicon-16x16.png"})
+# The raw-body types POST /predict takes (service.app.RAW_IMAGE_TYPES), less the aliases (image/jpg, ...).
 IMAGE_TYPES = (
     "image/png",
     "image/jpeg",
@@ -345,66 +345,54 @@ def _v2_paths(model_name: str, model_version: str | None) -> dict[str, Any]:
         "503": not_ready,
     }
 
-    def metadata_op(params: list) -> dict:
+    def model_routes(suffix: str, method: str, operation: dict) -> dict[str, Any]:
+        """One operation at /v2/models/{name}<suffix> and at /v2/models/{name}/versions/{version}<suffix>."""
+        versioned = {"operationId": operation["operationId"] + "Version", "parameters": [name, version_param]}
         return {
-            "get": {
-                "tags": ["v2"],
-                "summary": "Model metadata",
-                "operationId": "v2ModelMetadata" + ("Version" if len(params) > 1 else ""),
-                "parameters": params,
-                "responses": {
-                    "200": {
-                        "description": "Inputs, outputs, platform.",
-                        "content": _json_content(_ref("V2ModelMetadata")),
-                    },
-                    "400": unknown,
-                    "503": not_ready,
-                },
-            }
+            f"/v2/models/{{name}}{suffix}": {method: {"tags": ["v2"], **operation, "parameters": [name]}},
+            f"/v2/models/{{name}}/versions/{{version}}{suffix}": {method: {"tags": ["v2"], **operation, **versioned}},
         }
 
-    def ready_op(params: list) -> dict:
-        return {
-            "get": {
-                "tags": ["v2"],
-                "summary": "Model readiness",
-                "operationId": "v2ModelReady" + ("Version" if len(params) > 1 else ""),
-                "parameters": params,
-                "responses": {
-                    "200": {
-                        "description": "The model can serve.",
-                        "content": _json_content(
-                            {
-                                "type": "object",
-                                "required": ["name", "ready"],
-                                "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"}},
-                                "additionalProperties": False,
-                            }
-                        ),
-                    },
-                    "400": unknown,
-                    "503": not_ready,
-                },
-            }
-        }
-
-    def infer_op(params: list) -> dict:
-        return {
-            "post": {
-                "tags": ["v2"],
-                "summary": "Inference (JSON or binary tensors; classification extension)",
-                "description": (
-                    "Inputs: 'input' FP32 [N,1,28,28] (normalized) or 'image' BYTES [N] (encoded image files; "
-                    "base64 strings in JSON). Outputs: 'probabilities' FP32 [N,10], 'label' BYTES [N]. "
-                    "Output parameter classification=k returns BYTES [N,k] 'score:index:label'. "
-                    "Request parameter invert=" + "|".join(INVERT_MODES) + " applies to 'image'."
+    metadata_op = {
+        "summary": "Model metadata",
+        "operationId": "v2ModelMetadata",
+        "responses": {
+            "200": {"description": "Inputs, outputs, platform.", "content": _json_content(_ref("V2ModelMetadata"))},
+            "400": unknown,
+            "503": not_ready,
+        },
+    }
+    ready_op = {
+        "summary": "Model readiness",
+        "operationId": "v2ModelReady",
+        "responses": {
+            "200": {
+                "description": "The model can serve.",
+                "content": _json_content(
+                    {
+                        "type": "object",
+                        "required": ["name", "ready"],
+                        "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"}},
+                        "additionalProperties": False,
+                    }
                 ),
-                "operationId": "v2Infer" + ("Version" if len(params) > 1 else ""),
-                "parameters": params,
-                "requestBody": infer_body,
-                "responses": infer_responses,
-            }
-        }
+            },
+            "400": unknown,
+            "503": not_ready,
+        },
+    }
+    infer_op = {
+        "summary": "Inference (JSON or binary tensors; classification extension)",
+        "description": (
+            f"Inputs: '{v2.INPUT_TENSOR}' FP32 {v2.INPUT_SHAPE_TEXT} (normalized) or '{v2.IMAGE_TENSOR}' BYTES [N] "
+            f"(encoded image files; base64 strings in JSON). Outputs: '{v2.PROBABILITIES}' FP32 [N,{NUM_CLASSES}], "
+            f"'{v2.LABEL}' BYTES [N]. Output parameter classification=k returns BYTES [N,k] 'score:index:label'. "
+            f"Request parameter invert={'|'.join(INVERT_MODES)} applies to '{v2.IMAGE_TENSOR}'."
+        ),
+        "operationId": "v2Infer",
+        "requestBody": infer_body,
+        "responses": infer_responses,
+    }
 
     ready_body = {
         "type": "object",
@@ -457,12 +445,9 @@ def _v2_paths(model_name: str, model_version: str | None) -> dict[str, Any]:
                 },
             }
         },
-        "/v2/models/{name}": metadata_op([name]),
-        "/v2/models/{name}/versions/{version}": metadata_op([name, version_param]),
-        "/v2/models/{name}/ready": ready_op([name]),
-        "/v2/models/{name}/versions/{version}/ready": ready_op([name, version_param]),
-        "/v2/models/{name}/infer": infer_op([name]),
-        "/v2/models/{name}/versions/{version}/infer": infer_op([name, version_param]),
+        **model_routes("", "get", metadata_op),
+        **model_routes("/ready", "get", ready_op),
+        **model_routes("/infer", "post", infer_op),
     }
 
 
@@ -688,18 +673,12 @@ def build_spec(server_version: str, model_name: str = MODEL_NAME, model_version:
     }
 
 
-def _server_version() -> str:
-    try:
-        return version("fashion-serve")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
 def register(app: Flask) -> None:
     """Add ``GET /openapi.json``, ``GET /docs`` and the locally served Swagger UI assets."""
     model = app.extensions["model_runner"].current
     name = model.card.get("name", MODEL_NAME) if model else MODEL_NAME
-    document = json.dumps(build_spec(_server_version(), name, model.version if model else None), separators=(",", ":"))
+    spec = build_spec(v2.package_version(), name, model.version if model else None)
+    document = json.dumps(spec, separators=(",", ":"))
     import swagger_ui_bundle  # the Swagger UI files, from PyPI, served from the wheel
 
     assets = str(swagger_ui_bundle.swagger_ui_path)

@@ -42,6 +42,7 @@ from werkzeug.exceptions import HTTPException
 
 from fashion.checkpoint import MODEL_NAME
 from fashion.contract import CLASS_NAMES, INPUT_SHAPE, INVERT_MODES, NUM_CLASSES
+from service.app import ServiceError, json_response, runner_of, to_inputs
 
 SERVER_NAME = "fashion-serve"
 PLATFORM = "pytorch"  # eager PyTorch (not TorchScript, which Triton calls "pytorch_libtorch")
@@ -71,6 +72,8 @@ DATATYPE_SIZES = {
 }
 DATATYPES = frozenset(DATATYPE_SIZES) | {"BYTES"}
 
+# "[N,1,28,28]": the shape of the FP32 input in messages, from the shared contract.
+INPUT_SHAPE_TEXT = "[N," + ",".join(map(str, INPUT_SHAPE)) + "]"
 MODEL_INPUTS = (
     {"name": INPUT_TENSOR, "datatype": "FP32", "shape": [-1, *INPUT_SHAPE]},
     {"name": IMAGE_TENSOR, "datatype": "BYTES", "shape": [-1]},
@@ -340,7 +343,7 @@ def model_batch(request: InferRequest, max_batch: int, max_pixels: int, invert: 
     for tensor in request.inputs:
         if tensor.name not in known:
             raise V2Error(
-                f"unknown input '{tensor.name}'; the model takes '{INPUT_TENSOR}' (FP32 [-1,1,28,28]) "
+                f"unknown input '{tensor.name}'; the model takes '{INPUT_TENSOR}' (FP32 {INPUT_SHAPE_TEXT}) "
                 f"or '{IMAGE_TENSOR}' (BYTES [-1])"
             )
     if len(request.inputs) != 1:
@@ -351,7 +354,7 @@ def model_batch(request: InferRequest, max_batch: int, max_pixels: int, invert: 
         if tensor.datatype != "FP32":
             raise V2Error(f"input '{INPUT_TENSOR}' must have datatype FP32, got {tensor.datatype}")
         if len(shape) != 4 or tuple(shape[1:]) != INPUT_SHAPE:
-            raise V2Error(f"input '{INPUT_TENSOR}' must have shape [N,1,28,28], got {list(shape)}")
+            raise V2Error(f"input '{INPUT_TENSOR}' must have shape {INPUT_SHAPE_TEXT}, got {list(shape)}")
     else:
         if tensor.datatype != "BYTES":
             raise V2Error(f"input '{IMAGE_TENSOR}' must have datatype BYTES, got {tensor.datatype}")
@@ -366,8 +369,6 @@ def model_batch(request: InferRequest, max_batch: int, max_pixels: int, invert: 
         return torch.from_numpy(fp32_array(tensor))
     # The very steps POST /predict runs (fashion.images.decode_image, the contract's preprocessing),
     # so an image gets the same probabilities through either API.
-    from service.app import ServiceError, to_inputs
-
     try:
         return to_inputs(bytes_elements(tensor), invert, max_pixels)
     except ServiceError as error:
@@ -473,15 +474,12 @@ def model_metadata(name: str, version: str | None) -> dict:
 # --------------------------------------------------------------------------- routes
 
 
-def _json(payload: Any, status: int = 200) -> Response:
-    return Response(json.dumps(payload, separators=(",", ":")), status=status, mimetype="application/json")
-
-
 def _error(message: str, status: int = 400) -> Response:
-    return _json({"error": message}, status)
+    return json_response({"error": message}, status)
 
 
-def _server_version() -> str:
+def package_version() -> str:
+    """The installed fashion-serve package's version (``0+unknown`` when it is not installed)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -490,13 +488,9 @@ def _server_version() -> str:
         return "0+unknown"
 
 
-def _runner():
-    return current_app.extensions["model_runner"]
-
-
 def _served_model(name: str, version: str | None):
     """The model a v2 URL names -> the served LoadedModel; V2Error for another name or version."""
-    runner = _runner()
+    runner = runner_of(current_app)
     runner.maybe_reload()
     model = runner.current
     served_name = model.card.get("name") if model else MODEL_NAME
@@ -510,9 +504,10 @@ def _served_model(name: str, version: str | None):
 
 
 def create_blueprint() -> Blueprint:
-    """The v2 routes; the app must hold a ModelRunner in ``extensions["model_runner"]``."""
+    """The v2 routes; the app must hold its ModelRunner and Metrics in ``extensions`` (create_app and
+    ``service.interop.register_interop`` put them there)."""
     bp = Blueprint("v2", __name__, url_prefix="/v2")
-    server_version = _server_version()
+    server_version = package_version()
 
     @bp.errorhandler(V2Error)
     def v2_error(error: V2Error) -> Response:
@@ -528,34 +523,34 @@ def create_blueprint() -> Blueprint:
     @bp.get("")
     def metadata() -> Response:
         """Server metadata: name, version, supported extensions."""
-        return _json(server_metadata(server_version))
+        return json_response(server_metadata(server_version))
 
     @bp.get("/health/live")
     def live() -> Response:
         """Server liveness: the process answers."""
-        return _json({"live": True})
+        return json_response({"live": True})
 
     @bp.get("/health/ready")
     def ready() -> Response:
         """Server readiness: the model is loaded and warmed up (503 otherwise)."""
-        runner = _runner()
+        runner = runner_of(current_app)
         runner.maybe_reload()
         is_ready = runner.current is not None
-        return _json({"ready": is_ready}, 200 if is_ready else 503)
+        return json_response({"ready": is_ready}, 200 if is_ready else 503)
 
     @bp.get("/models/<name>")
     @bp.get("/models/<name>/versions/<version>")
     def model_info(name: str, version: str | None = None) -> Response:
         """Model metadata: platform, versions, input and output tensors."""
         model = _served_model(name, version)
-        return _json(model_metadata(name, model.version))
+        return json_response(model_metadata(name, model.version))
 
     @bp.get("/models/<name>/ready")
     @bp.get("/models/<name>/versions/<version>/ready")
     def model_ready(name: str, version: str | None = None) -> Response:
         """Model readiness: 200 when it can serve, 503 while it cannot."""
         _served_model(name, version)
-        return _json({"name": name, "ready": True})
+        return json_response({"name": name, "ready": True})
 
     @bp.post("/models/<name>/infer")
     @bp.post("/models/<name>/versions/<version>/infer")
@@ -569,7 +564,8 @@ def create_blueprint() -> Blueprint:
             raise V2Error(f"parameter 'invert' must be one of {', '.join(INVERT_MODES)}")
         outputs = select_outputs(infer_request)
         batch = model_batch(infer_request, settings.max_batch, settings.max_image_pixels, invert)
-        probabilities = predict(model, batch).numpy()
+        # Through the metrics (service/metrics.py), like POST /predict.
+        probabilities = current_app.extensions["metrics"].predict(model, batch).numpy()
         labels = [CLASS_NAMES[i] for i in probabilities.argmax(axis=1).tolist()]
         g.label = labels[0] if len(labels) == 1 else labels  # for the app's access log line
         body, header_length = encode_response(
@@ -603,14 +599,6 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     if not inflater.eof:
         raise V2Error(f"the {encoding} body is truncated")
     return data
-
-
-def predict(model, batch: torch.Tensor) -> torch.Tensor:
-    """The model's forward, through the app's metrics when they are registered."""
-    metrics = current_app.extensions.get("metrics")
-    if metrics is None:
-        return model.predict(batch)
-    return metrics.predict(model, batch)
 
 
 def encode_http(body: bytes, header_length: int | None) -> Response:

@@ -110,6 +110,13 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_dir):
     with start_server(model_dir, env={"ACCESS_LOG": "false"}, workers=2) as handle:
+        # start_server returns once one worker answers; the other may still be building its app
+        # (model load, warm-up), and the load spread below needs both. A worker's metrics exist
+        # (its fashion_worker_requests series, 0 at first) once its app is built.
+        deadline = time.monotonic() + 60
+        while len(worker_series(scrape(handle))) < 2:
+            assert time.monotonic() < deadline, "the second worker did not come up in 60 s"
+            time.sleep(0.05)
         yield handle
 
 
@@ -118,6 +125,11 @@ def scrape(server) -> str:
     assert answer.status_code == 200
     assert answer.headers["Content-Type"].startswith("text/plain")
     return answer.text
+
+
+def worker_series(text: str) -> dict[str, float]:
+    """fashion_worker_requests by worker pid: one series per live worker whose app is built."""
+    return {s.labels["pid"]: s.value for s in samples(text) if s.name == "fashion_worker_requests"}
 
 
 def test_counts_add_up_across_two_workers(server, model_dir, test_set):
@@ -160,7 +172,7 @@ def test_counts_add_up_across_two_workers(server, model_dir, test_set):
     text = scrape(server)
     # Both workers served (one series per live worker), and together they served every request
     # (the plan and the first scrape; a scrape is counted after it has been answered).
-    per_worker = {s.labels["pid"]: s.value for s in samples(text) if s.name == "fashion_worker_requests"}
+    per_worker = worker_series(text)
     assert len(per_worker) == 2, per_worker
     assert all(count > 0 for count in per_worker.values()), per_worker
     assert sum(per_worker.values()) - value(before, "fashion_worker_requests") == len(plan) + 1
@@ -228,6 +240,5 @@ def test_a_dead_workers_counts_stay_and_its_live_gauges_go(server):
     total = "fashion_http_requests_total"
     assert value(after, total, endpoint="/predict") == value(before, total, endpoint="/predict")
     assert value(after, total) == value(before, total) + 1
-    live = {s.labels["pid"] for s in samples(after) if s.name == "fashion_worker_requests"}
-    assert str(victim) not in live
+    assert str(victim) not in worker_series(after)
     assert value(after, "fashion_model_info") == 1

@@ -11,7 +11,7 @@ import pytest
 import requests
 import schemathesis
 
-from service.app import create_app
+from service.app import RAW_IMAGE_TYPES, create_app
 from tests.interophelpers import random_model_dir
 from tests.serverutil import PROJECT_ROOT, start_server
 
@@ -60,6 +60,12 @@ def test_both_error_forms_are_documented(spec):
     assert {"400", "413", "415", "503"} <= predict_errors.keys()
     infer_errors = spec["paths"]["/v2/models/{name}/infer"]["post"]["responses"]
     assert infer_errors["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/V2Error"}
+
+
+def test_the_documented_image_types_are_taken_by_predict(spec):
+    content = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
+    raw_types = content.keys() - {"multipart/form-data"}
+    assert raw_types and raw_types <= RAW_IMAGE_TYPES
 
 
 def test_the_examples_in_the_document_are_answered_as_documented(app, spec):
