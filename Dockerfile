@@ -55,6 +55,12 @@ COPY --from=requirements /build/requirements.txt /build/
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install -c /build/constraints.txt -r /build/requirements.txt
 WORKDIR /app
+# Labels both targets share (after the installs: a change here reinstalls nothing); each target adds its
+# title, description and revision last, since the revision changes with every commit.
+ARG PYTHON_IMAGE
+LABEL org.opencontainers.image.version="0.1.0" \
+      org.opencontainers.image.licenses="MIT" \
+      org.opencontainers.image.base.name="${PYTHON_IMAGE}"
 
 
 # ---- code: the project's packages, byte-compiled, laid out per target ----
@@ -90,10 +96,7 @@ CMD []
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="fashion-mnist-train" \
       org.opencontainers.image.description="Trains the Fashion-MNIST classifier: python -m training [args]" \
-      org.opencontainers.image.version="0.1.0" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.licenses="MIT" \
-      org.opencontainers.image.base.name="python:3.11-slim"
+      org.opencontainers.image.revision="${REVISION}"
 USER app
 COPY --from=code /out/train/ /app/
 
@@ -113,10 +116,7 @@ ENTRYPOINT ["gunicorn", "-c", "service/gunicorn.conf.py", "service:create_app()"
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="fashion-mnist-serve" \
       org.opencontainers.image.description="Fashion-MNIST classifier API: POST an image to /predict, get softmax probabilities" \
-      org.opencontainers.image.version="0.1.0" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.licenses="MIT" \
-      org.opencontainers.image.base.name="python:3.11-slim"
+      org.opencontainers.image.revision="${REVISION}"
 USER app
 # The bundled model; compose mounts ./models over it, read-only.
 COPY models/ models/

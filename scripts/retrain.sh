@@ -27,7 +27,6 @@ output_dir=${OUTPUT_DIR:-retrain-out/$(date -u +%Y%m%dT%H%M%SZ)}
 current_model=${CURRENT_MODEL:-models}
 max_drop=${MAX_DROP_POINTS:-0.5}
 image=${TRAIN_IMAGE:-fashion-mnist-train:retrain}
-index_url=${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}
 log() { echo "retrain: $*" >&2; }
 
 if [[ -e $output_dir && -n $(ls -A "$output_dir" 2>/dev/null) ]]; then
@@ -39,7 +38,9 @@ output_dir=$(cd "$output_dir" && pwd)
 
 log "building the train image $image"
 revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
-docker build --target train --build-arg "TORCH_INDEX_URL=$index_url" --build-arg "REVISION=$revision" -t "$image" .
+# TORCH_INDEX_URL is passed only when set (empty included): unset keeps the Dockerfile's default.
+docker build --target train ${TORCH_INDEX_URL+"--build-arg=TORCH_INDEX_URL=$TORCH_INDEX_URL"} \
+  --build-arg "REVISION=$revision" -t "$image" .
 
 # The container never runs as root. Run it as the caller so the files are the caller's; a root caller
 # hands the folder to the image's own user (uid 10001) instead.

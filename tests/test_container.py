@@ -115,8 +115,11 @@ def _http_server(status: int):
 
 
 def test_healthcheck_exit_status_follows_readyz(capsys, monkeypatch):
-    # A proxy in the environment must not take the loopback check elsewhere (192.0.2.1 is unroutable).
+    # A proxy in the environment must not take the loopback check elsewhere (192.0.2.1 is unroutable);
+    # without no_proxy, so that only the health check itself can keep loopback off the proxy.
     monkeypatch.setenv("http_proxy", "http://192.0.2.1:9")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
     with _http_server(200) as port:
         assert healthcheck.main({"HOST": "0.0.0.0", "PORT": str(port)}) == 0
     with _http_server(503) as port:
@@ -153,6 +156,16 @@ def _engine_problem() -> str | None:
 ENGINE_PROBLEM = _engine_problem()
 
 
+def _torch_index_url() -> str:
+    """TORCH_INDEX_URL for the builds: the environment's when set, else "" (pip's default index).
+
+    The Dockerfile's default, PyTorch's CPU-only index, is a host the test machines cannot reach
+    (only the package registries are), so the tests build from pip's default index, whose torch is
+    the CUDA build; set TORCH_INDEX_URL to test the CPU-index build where that index is reachable.
+    """
+    return os.environ.get("TORCH_INDEX_URL", "")
+
+
 def needs_engine(test):
     """Mark a test container + slow, skipped with the reason when no engine answers."""
     for mark in (
@@ -186,8 +199,6 @@ class Stack:
         self.url = f"http://127.0.0.1:{port}"
         self.env = {
             **os.environ,
-            # The PyTorch CPU index is out of reach here: empty = pip's default index.
-            "TORCH_INDEX_URL": os.environ.get("TORCH_INDEX_URL", ""),
             "API_BIND": "127.0.0.1",
             "API_PORT": str(port),
             "MODELS_DIR": str(models),
@@ -195,7 +206,9 @@ class Stack:
             "TRAIN_GID": str(train_uid),
             "WORKERS": "2",
         }
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, float | str] = {}
+        self.env["TORCH_INDEX_URL"] = _torch_index_url()
+        self.timings["torch_index_url"] = self.env["TORCH_INDEX_URL"] or "(pip default)"
 
     def compose(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
         command = ["docker", "compose", "-p", PROJECT, *args]
@@ -253,6 +266,10 @@ def stack(tmp_path_factory):
         ARTIFACTS.mkdir(exist_ok=True)
         (ARTIFACTS / "container-timings.json").write_text(json.dumps(s.timings, indent=2) + "\n")
         print(f"container timings: {s.timings}")
+
+
+def _docker_label(image: str, key: str) -> str:
+    return json.loads(_docker("image", "inspect", image))[0]["Config"]["Labels"][f"org.opencontainers.image.{key}"]
 
 
 def _png(pixels) -> bytes:
@@ -313,8 +330,9 @@ def test_serve_image_metadata_and_contents(stack):
     assert "8000/tcp" in image["ExposedPorts"]
     assert image["Entrypoint"][0] == "gunicorn"
     labels = image["Labels"]
-    for key in ("title", "description", "version", "revision", "licenses"):
+    for key in ("title", "description", "version", "revision", "licenses", "base.name"):
         assert labels.get(f"org.opencontainers.image.{key}"), key
+    assert labels["org.opencontainers.image.title"] == "fashion-mnist-serve"
     # .dockerignore and the Dockerfile keep tests, caches, venvs and version control out of the image.
     listing = stack.compose("exec", "-T", "api", "find", "/app", "-maxdepth", "2").stdout.split()
     assert sorted(p for p in listing if p.count("/") == 2) == ["/app/fashion", "/app/models", "/app/service"]
@@ -356,6 +374,12 @@ def test_serve_image_health_check_works_without_compose(stack):
 def test_train_job_writes_a_model_that_the_running_api_then_serves(stack, test_set):
     before = read_card(stack.models)
     stack.timed("build_train_s", "build", "train", timeout=BUILD_TIMEOUT_S)
+    train_image = json.loads(_docker("image", "inspect", f"{PROJECT}-train"))[0]["Config"]
+    assert train_image["Entrypoint"] == ["python", "-m", "training"] and train_image["User"] == "app"
+    labels = train_image["Labels"]
+    assert labels["org.opencontainers.image.title"] == "fashion-mnist-train"
+    for key in ("version", "licenses", "base.name"):  # shared with the serve image
+        assert labels[f"org.opencontainers.image.{key}"] == _docker_label(f"{PROJECT}-api", key), key
     # Exactly the README's command, shortened to one epoch; arguments pass through to `python -m training`.
     stack.timed("train_1_epoch_s", "run", "--rm", "train", "--epochs", "1", "--seed", "7", timeout=900)
     card = read_card(stack.models)
