@@ -19,7 +19,7 @@ serve: install
 	HOST=$(HOST) PORT=$(PORT) $(VENV)/bin/gunicorn -c service/gunicorn.conf.py "service:create_app()"
 
 train: install
-	$(PY) -m training $(ARGS)
+	$(PY) -m training --output-dir runs/$$(date -u +%Y%m%d-%H%M%S) $(ARGS)
 
 test: install
 	$(PY) -m ruff check .

@@ -43,10 +43,11 @@ STD = 0.3530242483182949
 
 
 def normalize(tensor: torch.Tensor) -> torch.Tensor:
-    """(x - MEAN) / STD: the arithmetic of torchvision's Normalize((MEAN,), (STD,)), op for op.
+    """(x - MEAN) / STD: torchvision.transforms.v2.Normalize((MEAN,), (STD,))'s arithmetic, op for op.
 
     Written out so that importing the contract does not import torchvision: the service never
-    needs it, and it costs a worker about 90 MB and 0.4 s at start.
+    needs it, and it costs a worker about 90 MB and 0.4 s at start. FEATURE_TRANSFORM is the
+    torchvision pipeline itself; tests check that both give the same bits.
     """
     mean = torch.as_tensor((MEAN,), dtype=tensor.dtype, device=tensor.device).view(-1, 1, 1)
     std = torch.as_tensor((STD,), dtype=tensor.dtype, device=tensor.device).view(-1, 1, 1)
@@ -69,51 +70,83 @@ def contract_summary() -> dict:
 # --------------------------------------------------------------------------- architecture
 
 
+ARCHITECTURES: tuple[str, ...] = ("mlp", "cnn")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """The few numbers that rebuild the classifier; stored in every model card."""
+    """The few numbers that rebuild the classifier; stored in every model card.
+
+    ``kind="mlp"``: Flatten, then one Linear + ReLU per ``hidden_sizes`` entry, then the output
+    Linear. ``kind="cnn"``: per ``channels`` entry a 3x3 Conv (padding 1) + BatchNorm + ReLU +
+    2x2 max-pool, then Flatten and the same Linear head over ``hidden_sizes``. Both are one
+    nn.Sequential, so the loader and the service need no case for either.
+    """
 
     hidden_sizes: tuple[int, ...] = (512, 512)
     dropout: float = 0.0
     kind: str = field(default="mlp")
+    channels: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.kind != "mlp":
-            raise ValueError(f"unknown architecture kind {self.kind!r} (expected 'mlp')")
+        if self.kind not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture kind {self.kind!r} (expected one of {ARCHITECTURES})")
         if not self.hidden_sizes or any(int(h) < 1 for h in self.hidden_sizes):
             raise ValueError(f"hidden_sizes must be positive integers, got {self.hidden_sizes!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.kind == "mlp" and self.channels:
+            raise ValueError(f"an mlp has no convolution channels, got {self.channels!r}")
+        # Each conv block halves the image; 28 -> 14 -> 7 -> 3 leaves something to classify.
+        if self.kind == "cnn" and (not 1 <= len(self.channels) <= 3 or any(int(c) < 1 for c in self.channels)):
+            raise ValueError(f"a cnn needs 1 to 3 positive channel counts, got {self.channels!r}")
         object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["hidden_sizes"] = list(self.hidden_sizes)
+        if self.kind == "mlp":
+            del data["channels"]  # an MLP's card stays as it always was
+        else:
+            data["channels"] = list(self.channels)
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
-        unknown = set(data) - {"hidden_sizes", "dropout", "kind"}
+        unknown = set(data) - {"hidden_sizes", "dropout", "kind", "channels"}
         if unknown:
             raise ValueError(f"unknown architecture fields: {sorted(unknown)}")
         return cls(
             hidden_sizes=tuple(data.get("hidden_sizes", (512, 512))),
             dropout=float(data.get("dropout", 0.0)),
             kind=data.get("kind", "mlp"),
+            channels=tuple(data.get("channels", ())),
         )
 
 
 def build_model(config: ModelConfig | None = None) -> nn.Sequential:
-    """Flatten -> (Linear -> ReLU [-> Dropout])* -> Linear producing NUM_CLASSES logits."""
+    """The classifier ``config`` describes (see ModelConfig), producing NUM_CLASSES logits."""
     config = config or ModelConfig()
-    layers: list[nn.Module] = [nn.Flatten()]
-    width = INPUT_CHANNELS * INPUT_HEIGHT * INPUT_WIDTH
+    layers: list[nn.Module] = []
+    channels, height, width = INPUT_CHANNELS, INPUT_HEIGHT, INPUT_WIDTH
+    for out_channels in config.channels:
+        # No conv bias: BatchNorm's shift does the same job.
+        layers += [
+            nn.Conv2d(channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
+        channels, height, width = out_channels, height // 2, width // 2
+    layers.append(nn.Flatten())
+    features = channels * height * width
     for hidden in config.hidden_sizes:
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        layers += [nn.Linear(features, hidden), nn.ReLU()]
         if config.dropout > 0:
             layers.append(nn.Dropout(config.dropout))
-        width = hidden
-    layers.append(nn.Linear(width, NUM_CLASSES))
+        features = hidden
+    layers.append(nn.Linear(features, NUM_CLASSES))
     return nn.Sequential(*layers)
 
 
@@ -123,27 +156,44 @@ def build_model(config: ModelConfig | None = None) -> nn.Sequential:
 def pixels_to_input(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 pixels [..., H, W] or [..., 1, H, W] -> normalized float32 [..., 1, H, W].
 
-    Training applies this to the whole data set at once and serving to one image; it is the
-    same elementwise arithmetic either way, so both produce bit-identical inputs.
+    The arithmetic of FEATURE_TRANSFORM (torchvision's ToDtype(float32, scale=True) then
+    Normalize), op for op: training applies it to whole data sets, serving to one image
+    (through INPUT_TABLE), and all of them produce bit-identical inputs.
     """
     if pixels.dtype != torch.uint8:
         raise TypeError(f"expected uint8 pixels, got {pixels.dtype}")
     if pixels.shape[-3:] != INPUT_SHAPE:
         pixels = pixels.unsqueeze(-3)
-    return normalize(pixels.to(torch.float32).div(255))
+    return normalize(pixels.to(torch.float32).mul_(1.0 / 255))
 
 
 _feature_transform = None
 
 
 def feature_transform():
-    """The per-item feature transform torchvision's FashionMNIST dataset is built with (one object)."""
+    """The per-item transform torchvision's FashionMNIST dataset is built with: PIL image -> input tensor.
+
+    torchvision.transforms.v2: ToImage, ToDtype(float32, scale=True), Normalize((MEAN,), (STD,)).
+    It also takes uint8 tensors [N, 1, H, W], so training can transform a whole split at once.
+    """
     global _feature_transform
     if _feature_transform is None:
-        from torchvision import transforms  # only training and tests need torchvision
+        from torchvision.transforms import v2  # only training and tests need torchvision
 
-        _feature_transform = transforms.Compose([transforms.PILToTensor(), pixels_to_input])
+        _feature_transform = v2.Compose(
+            [
+                v2.ToImage(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=(MEAN,), std=(STD,)),
+                _plain_tensor,
+            ]
+        )
     return _feature_transform
+
+
+def _plain_tensor(image: torch.Tensor) -> torch.Tensor:
+    """tv_tensors.Image -> torch.Tensor, so datasets hand models the same type serving does."""
+    return image.as_subclass(torch.Tensor)
 
 
 def __getattr__(name: str):

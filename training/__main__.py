@@ -2,7 +2,7 @@ import os
 import sys
 
 # Before torch loads OpenMP: on a shared machine, spinning worker threads wait for each other's
-# time slices and a training step slowed from ~9 ms to ~500 ms in our measurements; sleeping
+# time slices, which slowed training steps many times over (README, Benchmarks); sleeping
 # waiters avoid that. An explicit OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

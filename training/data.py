@@ -35,7 +35,6 @@ from fashion.contract import (
     NUM_CLASSES,
     InvertMode,
     one_hot,
-    pixels_to_input,
     preprocess,
 )
 from fashion.images import ImageError, decode_image
@@ -195,7 +194,8 @@ class FastFashionMNIST(BatchFetchMixin, FashionMNIST):
                 f"expected ({expected}, {INPUT_HEIGHT}, {INPUT_WIDTH}): "
                 "delete the folder and run again"
             )
-        self.inputs = pixels_to_input(self.data)
+        # The per-item transform itself, applied to the whole split at once (v2 transforms take batches).
+        self.inputs = FEATURE_TRANSFORM(self.data.unsqueeze(1))
         self.target_vectors = F.one_hot(self.targets, NUM_CLASSES).to(torch.float32)
 
     @property

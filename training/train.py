@@ -6,13 +6,14 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import io
-import math
 import platform
+import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fashion.bounds import parse_bounded
 from fashion.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -29,7 +31,7 @@ from fashion.checkpoint import (
     sha256_bytes,
     write_file_atomically,
 )
-from fashion.contract import CLASS_NAMES, NUM_CLASSES, ModelConfig, build_model, pixels_to_input
+from fashion.contract import ARCHITECTURES, CLASS_NAMES, NUM_CLASSES, ModelConfig, build_model, pixels_to_input
 from training.data import (
     DEBIAN_DIR,
     DataError,
@@ -47,11 +49,17 @@ CONFUSION_FILE = "confusion-matrix.png"
 EVAL_BATCH = 2_000
 # A black pixel as the contract prepares it: what random_shift brings in at the borders.
 BLACK = pixels_to_input(torch.zeros(1, 1, dtype=torch.uint8)).item()
+# What choosing the precision and thread count may cost at start, in seconds (measured steps).
+CALIBRATION_BUDGET_S = 0.6
 
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters; the defaults are the shipped model's recipe."""
+    """Hyper-parameters; the defaults are the shipped MLP's recipe (RECIPES["cnn"] is the CNN's).
+
+    ``bf16`` and ``threads`` left at None are chosen at start by timing real training steps
+    (``choose_mode``); ``calibration`` then records what was measured.
+    """
 
     epochs: int = 30
     batch_size: int = 1024
@@ -60,99 +68,154 @@ class TrainConfig:
     label_smoothing: float = 0.1
     hflip: float = 0.0
     shift: int = 0
-    bf16: bool = True
+    erase: float = 0.0
+    ema: float = 0.0
+    bf16: bool | None = None
+    threads: int | None = None
     seed: int = 0
+    arch: str = "mlp"
     hidden_sizes: tuple[int, ...] = (512, 512)
+    channels: tuple[int, ...] = ()
     dropout: float = 0.0
     freeze: bool = False
     limit_train: int | None = None
-    optimizer: str = field(default="AdamW")
+    optimizer: str = field(default="AdamW (fused where available)")
     schedule: str = field(default="OneCycleLR(max_lr=lr, cosine anneal, 30% warm-up), stepped per batch")
+    calibration: dict | None = None
+
+
+RECIPES: dict[str, TrainConfig] = {
+    "mlp": TrainConfig(),
+    "cnn": TrainConfig(
+        arch="cnn",
+        epochs=10,
+        batch_size=256,
+        lr=3e-3,
+        weight_decay=5e-4,
+        hflip=0.5,
+        shift=2,
+        hidden_sizes=(128,),
+        channels=(32, 64),
+        dropout=0.25,
+        ema=0.99,
+    ),
+}
 
 
 # --------------------------------------------------------------------------- CLI
 
 
-def _number(convert, what: str, accept, requirement: str):
-    """An argparse ``type`` that parses with ``convert`` and refuses values ``accept`` rejects (exit 2)."""
+def _bounded(kind, **bounds):
+    """An argparse ``type`` for fashion.bounds.parse_bounded: a bad value exits 2 with its message."""
 
     def parse(text: str):
         try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not accept(value):
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
-        return value
+            return parse_bounded(text, kind, **bounds)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
 
     return parse
 
 
-_positive_int = _number(int, "an integer", lambda v: v >= 1, "at least 1")
-_non_negative_int = _number(int, "an integer", lambda v: v >= 0, "at least 0")
-_positive_float = _number(float, "a number", lambda v: 0 < v < math.inf, "a positive number")  # NaN fails too
-_non_negative_float = _number(float, "a number", lambda v: 0 <= v < math.inf, "a non-negative number")
-_fraction = _number(float, "a number", lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+_positive_int = _bounded(int, minimum=1)
+_non_negative_int = _bounded(int, minimum=0)
+_positive_float = _bounded(float, above=0)
+_non_negative_float = _bounded(float, minimum=0)
+_fraction = _bounded(float, minimum=0, below=1)
 
 
-def _hidden_sizes(text: str) -> tuple[int, ...]:
+def _sizes(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
     if not sizes or any(size < 1 for size in sizes):
-        raise argparse.ArgumentTypeError(f"hidden sizes must be positive, got {text!r}")
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
     return sizes
 
 
+def _recipe_help(text: str, name: str, show=str) -> str:
+    """Help text naming each architecture's default for a recipe option."""
+    defaults = ", ".join(f"{arch}: {show(getattr(recipe, name))}" for arch, recipe in RECIPES.items())
+    return f"{text} (default {defaults})"
+
+
+def _commas(values) -> str:
+    return ",".join(str(v) for v in values) or "none"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    defaults = TrainConfig()
     parser = argparse.ArgumentParser(
         prog="python -m training",
-        description="Train the Fashion-MNIST MLP and write model.safetensors + model.json (+ plots).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train the Fashion-MNIST classifier and write model.safetensors + model.json (+ plots).",
     )
-    parser.add_argument("--epochs", type=_positive_int, default=defaults.epochs, help="passes over the training set")
-    parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, help="images per step")
-    parser.add_argument("--lr", type=_positive_float, default=defaults.lr, help="peak learning rate of the schedule")
-    parser.add_argument("--seed", type=_non_negative_int, default=defaults.seed, help="same seed, same weights")
+    recipe = parser.add_argument_group("recipe (defaults depend on --arch)")
+    parser.add_argument("--arch", choices=ARCHITECTURES, default="mlp", help="model family (default mlp)")
+    recipe.add_argument("--epochs", type=_positive_int, help=_recipe_help("passes over the training set", "epochs"))
+    recipe.add_argument("--batch-size", type=_positive_int, help=_recipe_help("images per step", "batch_size"))
+    recipe.add_argument("--lr", type=_positive_float, help=_recipe_help("peak learning rate of the schedule", "lr"))
+    recipe.add_argument(
+        "--hidden-sizes", type=_sizes, metavar="H1,H2,...", help=_recipe_help("Linear widths", "hidden_sizes", _commas)
+    )
+    recipe.add_argument(
+        "--channels", type=_sizes, metavar="C1,C2", help=_recipe_help("cnn: conv channels", "channels", _commas)
+    )
+    recipe.add_argument("--dropout", type=_fraction, help=_recipe_help("after each hidden ReLU", "dropout"))
+    recipe.add_argument(
+        "--weight-decay", type=_non_negative_float, help=_recipe_help("AdamW's decoupled decay", "weight_decay")
+    )
+    recipe.add_argument(
+        "--label-smoothing", type=_fraction, help=_recipe_help("mixed into the one-hot targets", "label_smoothing")
+    )
+    recipe.add_argument("--hflip", type=_fraction, help=_recipe_help("probability of mirroring an image", "hflip"))
+    recipe.add_argument(
+        "--shift", type=_non_negative_int, help=_recipe_help("random translation of images, pixels", "shift")
+    )
+    recipe.add_argument(
+        "--erase", type=_fraction, help=_recipe_help("probability of blanking a random rectangle", "erase")
+    )
+    recipe.add_argument(
+        "--ema",
+        type=_fraction,
+        help=_recipe_help("decay of the weights' moving average that is evaluated and saved; 0 = off", "ema"),
+    )
+    parser.add_argument("--seed", type=_non_negative_int, default=0, help="same seed, same weights (default 0)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda when available")
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="force (or with --no-bf16 forbid) bfloat16 autocast for the forward pass; unset: whichever "
+        "of float32 and bf16 trains faster in a few timed steps at start (weights always stay float32)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="CPU threads; unset: 1 or all usable, whichever trains faster in the timed steps at start",
+    )
     parser.add_argument(
         "--data-dir",
         type=Path,
         default=None,
-        help="Fashion-MNIST root in torchvision layout; unset: $FASHION_DATA or ./data, "
-        f"filled from {DEBIAN_DIR} or a download when empty",
+        help="Fashion-MNIST root in torchvision layout; must exist unless --download is given. Unset: "
+        f"$FASHION_DATA or ./data, filled from {DEBIAN_DIR} or a download when empty",
+    )
+    parser.add_argument(
+        "--download",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="--download: may create --data-dir and fill it; --no-download: never try torchvision's download",
     )
     parser.add_argument(
         "--extra-data", type=Path, default=None, help="folder of your own images, one sub-folder per class name"
     )
-    parser.add_argument("--output-dir", type=Path, default=Path("models"), help="where the model is written")
+    parser.add_argument(
+        "--output-dir", type=Path, default=Path("models"), help="where the model is written (default models)"
+    )
     parser.add_argument("--init-from", type=Path, default=None, help="start from the model in this folder")
     parser.add_argument(
         "--freeze", action="store_true", help="with --init-from: train only the last layer (requires_grad=False)"
-    )
-    parser.add_argument(
-        "--hidden-sizes", type=_hidden_sizes, default=defaults.hidden_sizes, metavar="H1,H2,...", help="MLP widths"
-    )
-    parser.add_argument("--dropout", type=_fraction, default=defaults.dropout, help="after each hidden ReLU")
-    parser.add_argument(
-        "--weight-decay", type=_non_negative_float, default=defaults.weight_decay, help="AdamW's decoupled decay"
-    )
-    parser.add_argument(
-        "--label-smoothing", type=_fraction, default=defaults.label_smoothing, help="mixed into the one-hot targets"
-    )
-    parser.add_argument(
-        "--hflip", type=_fraction, default=defaults.hflip, help="probability of mirroring a training image"
-    )
-    parser.add_argument(
-        "--shift", type=_non_negative_int, default=defaults.shift, help="random translation of training images, pixels"
-    )
-    parser.add_argument(
-        "--bf16",
-        action=argparse.BooleanOptionalAction,
-        default=defaults.bf16,
-        help="bfloat16 autocast for the forward pass (weights and optimizer stay float32)",
     )
     parser.add_argument(
         "--limit-train", type=_positive_int, default=None, help="use only the first N training images (smoke tests)"
@@ -160,9 +223,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--debian-dir", type=Path, default=DEBIAN_DIR, help="where the dataset-fashion-mnist package keeps its files"
     )
-    parser.add_argument("--no-download", action="store_true", help="never try torchvision's download")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return parser
+
+
+RECIPE_OPTIONS = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "hidden_sizes",
+    "channels",
+    "dropout",
+    "weight_decay",
+    "label_smoothing",
+    "hflip",
+    "shift",
+    "erase",
+    "ema",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -172,22 +250,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--freeze needs --init-from MODEL_DIR (there is nothing to freeze in a fresh model)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    if args.arch == "mlp" and args.channels:
+        parser.error("--channels is for --arch cnn; an MLP has no convolutions")
     return args
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing,
-        hflip=args.hflip,
-        shift=args.shift,
+    """The recipe of ``--arch``, with every option given on the command line in its place."""
+    given = {name: getattr(args, name) for name in RECIPE_OPTIONS if getattr(args, name) is not None}
+    return replace(
+        RECIPES[args.arch],
+        **given,
         bf16=args.bf16,
+        threads=args.threads,
         seed=args.seed,
-        hidden_sizes=args.hidden_sizes,
-        dropout=args.dropout,
         freeze=args.freeze,
         limit_train=args.limit_train,
     )
@@ -203,10 +279,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def freeze_all_but_last(model: nn.Sequential) -> None:
-    """requires_grad=False on every Linear but the last, which alone is retrained."""
-    linears = [module for module in model if isinstance(module, nn.Linear)]
-    for module in linears[:-1]:
-        for parameter in module.parameters():
+    """requires_grad=False on every parameter but the last Linear's, which alone is retrained."""
+    last = [module for module in model if isinstance(module, nn.Linear)][-1]
+    keep = {id(parameter) for parameter in last.parameters()}
+    for parameter in model.parameters():
+        if id(parameter) not in keep:
             parameter.requires_grad_(False)
 
 
@@ -222,6 +299,40 @@ def random_shift(inputs: torch.Tensor, shift: int, generator: torch.Generator) -
     return padded[batch, 0, rows, cols].unsqueeze(1)
 
 
+def random_erase(inputs: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Blank one random rectangle (2-25% of the area, aspect 1/3-3) per chosen image with the background.
+
+    torchvision's RandomErasing idea, drawn per image for a whole batch at once (v2.RandomErasing
+    on a batch tensor would erase the same rectangle in every image).
+    """
+    count, _, height, width = inputs.shape
+    area = torch.empty(count).uniform_(0.02, 0.25, generator=generator) * height * width
+    aspect = torch.exp(torch.empty(count).uniform_(-1.0986, 1.0986, generator=generator))
+    h = (area * aspect).sqrt().round().clamp(1, height)
+    w = (area / aspect).sqrt().round().clamp(1, width)
+    top = (torch.rand(count, generator=generator) * (height - h + 1)).floor()
+    left = (torch.rand(count, generator=generator) * (width - w + 1)).floor()
+    chosen = torch.rand(count, generator=generator) < probability
+    rows = torch.arange(height)[None, :]
+    cols = torch.arange(width)[None, :]
+    inside_rows = (rows >= top[:, None]) & (rows < (top + h)[:, None])
+    inside_cols = (cols >= left[:, None]) & (cols < (left + w)[:, None])
+    mask = (inside_rows[:, :, None] & inside_cols[:, None, :] & chosen[:, None, None]).unsqueeze(1)
+    return inputs.masked_fill(mask.to(inputs.device), BLACK)
+
+
+def augment(inputs: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    if config.hflip > 0:
+        # A mirrored garment is still the same class.
+        flip = (torch.rand(len(inputs), generator=generator) < config.hflip).to(inputs.device)
+        inputs = torch.where(flip[:, None, None, None], inputs.flip(-1), inputs)
+    if config.shift > 0:
+        inputs = random_shift(inputs, config.shift, generator)
+    if config.erase > 0:
+        inputs = random_erase(inputs, config.erase, generator)
+    return inputs
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
     """Cross-entropy against one-hot (probability) targets, optionally smoothed towards uniform."""
     return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
@@ -229,7 +340,7 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: f
 
 @torch.no_grad()
 def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, torch.Tensor]:
-    """(accuracy, mean loss, confusion matrix [true, predicted]) of ``model`` on a whole split."""
+    """(accuracy, mean loss, confusion matrix [true, predicted]) of ``model`` on a whole split, in float32."""
     model.eval()
     correct, loss_sum = 0, 0.0
     confusion = torch.zeros(NUM_CLASSES * NUM_CLASSES, dtype=torch.long, device=inputs.device)
@@ -241,6 +352,129 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tu
         loss_sum += F.cross_entropy(logits, batch_labels, reduction="sum").item()
         confusion += torch.bincount(batch_labels * NUM_CLASSES + predicted, minlength=NUM_CLASSES * NUM_CLASSES)
     return correct / len(inputs), loss_sum / len(inputs), confusion.view(NUM_CLASSES, NUM_CLASSES).cpu()
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (buffers copied), evaluated and saved instead of it.
+
+    The average of the last few hundred steps sits nearer the middle of the minimum than the last
+    step does, so it is more accurate for the same training; the decay ramps up from 0 so the
+    early, random weights are forgotten quickly.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.model = copy.deepcopy(model).requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+        self._averaged = list(self.model.parameters())
+        self._current = list(model.parameters())
+        self._buffers = list(zip(self.model.buffers(), model.buffers(), strict=True))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self._averaged, self._current, 1.0 - decay)
+        for averaged, current in self._buffers:
+            averaged.copy_(current)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, fused into one kernel per step where this torch has it for the device (it is cheaper)."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    try:
+        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 autocast can run on ``device`` at all; whether it is faster is measured (choose_mode)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available()
+
+
+def _mode_name(bf16: bool, threads: int | None) -> str:
+    return ("bf16" if bf16 else "fp32") + (f", {threads} thread{'s' if threads != 1 else ''}" if threads else "")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def choose_mode(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    config: TrainConfig,
+    device: torch.device,
+    budget_s: float = CALIBRATION_BUDGET_S,
+) -> tuple[bool, int | None, dict]:
+    """(bf16, threads, record): the fastest precision/thread mode, by timing real steps on a copy of the model.
+
+    A CPU flag says an instruction exists, not that oneDNN's kernels for it win at these shapes,
+    so each candidate runs the same training steps (forward, loss, backward, AdamW) on one batch
+    of the real data, round-robin so background load hits all alike; the lowest median step
+    time wins. ``config.bf16``/``config.threads`` not None pin that choice. The random state is
+    saved and restored, so the calibration does not change the trained weights.
+    """
+    precisions = [config.bf16] if config.bf16 is not None else [False, *([True] if fast_bf16(device) else [])]
+    if device.type == "cuda":
+        thread_counts = [None]
+    elif config.threads is not None:
+        thread_counts = [config.threads]
+    else:
+        thread_counts = sorted({1, torch.get_num_threads()})
+    modes = [(bf16, threads) for bf16 in precisions for threads in thread_counts]
+    if len(modes) == 1:
+        bf16, threads = modes[0]
+        return bf16, threads, {"chosen": _mode_name(bf16, threads), "by": "options"}
+
+    started = time.perf_counter()
+    size = min(config.batch_size, len(inputs))
+    timings: dict[tuple, list[float]] = {mode: [] for mode in modes}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        trial = copy.deepcopy(model).train()
+        optimizer = make_optimizer(trial, config, device)
+
+        def step(mode) -> float:
+            bf16, threads = mode
+            if threads is not None:
+                torch.set_num_threads(threads)
+            _synchronize(device)
+            begun = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = trial(inputs[:size])
+            loss = soft_cross_entropy(logits, targets[:size], config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            _synchronize(device)
+            return time.perf_counter() - begun
+
+        warm_up = sum(step(mode) for mode in modes)  # first calls pay for kernel selection; not counted
+        if warm_up > budget_s / 3 and size > 16:
+            # A slow model (the CNN): time fewer images per step, so the choice still costs ~budget_s.
+            size = max(16, int(size * budget_s / 6 / warm_up))
+            for mode in modes:
+                step(mode)
+        for _ in range(5):
+            for mode in modes:
+                timings[mode].append(step(mode))
+            if time.perf_counter() - started > budget_s:
+                break
+    medians = {mode: statistics.median(times) for mode, times in timings.items()}
+    bf16, threads = min(medians, key=medians.get)
+    record = {
+        "chosen": _mode_name(bf16, threads),
+        "by": "timed training steps",
+        "images_per_step": size,
+        "median_step_ms": {_mode_name(*mode): round(seconds * 1000, 2) for mode, seconds in medians.items()},
+        "cost_s": round(time.perf_counter() - started, 3),
+    }
+    return bf16, threads, record
 
 
 def _progress(iterable, total: int, description: str):
@@ -259,33 +493,43 @@ def train(
     config: TrainConfig,
     device: torch.device,
     log=print,
+    stop_when=None,
 ) -> list[dict]:
-    """The autograd loop; returns one history entry per epoch (losses, accuracies, lr, elapsed seconds)."""
+    """The autograd loop; returns one history entry per epoch (losses, accuracies, lr, elapsed seconds).
+
+    ``stop_when(entry)`` returning True ends the run after that epoch (benchmarks stop at a target).
+
+    Chooses the precision and thread count first (``choose_mode``; the time counts in elapsed_s)
+    and writes the choice into ``config``. With ``config.ema`` the weights' moving average is
+    what each epoch evaluates, and it is copied into ``model`` at the end.
+    """
     model.to(device)
+    started = time.perf_counter()
+    config.bf16, config.threads, config.calibration = choose_mode(
+        model, train_set.inputs, train_set.target_vectors, config, device
+    )
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    log(f"precision and threads: {config.calibration['chosen']} ({config.calibration['by']})")
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(
         train_set, batch_size=config.batch_size, shuffle=True, generator=generator, collate_fn=collate_batch
     )
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config, device)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=config.epochs * len(loader), pct_start=0.3
     )
+    average = WeightAverage(model, config.ema) if config.ema > 0 else None
+    evaluated = average.model if average is not None else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
     test_labels = test_set.targets.to(device)
     history = []
-    started = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         model.train()
         seen, correct, loss_sum = 0, 0, 0.0
         bar = _progress(loader, len(loader), f"epoch {epoch}/{config.epochs}")
         for inputs, targets in bar:
-            if config.hflip > 0:
-                # A mirrored garment is still the same class (off by default: it slowed convergence here).
-                flip = (torch.rand(len(inputs), generator=generator) < config.hflip).to(inputs.device)
-                inputs = torch.where(flip[:, None, None, None], inputs.flip(-1), inputs)
-            if config.shift > 0:
-                inputs = random_shift(inputs, config.shift, generator)
+            inputs = augment(inputs, config, generator)
             with autocast:
                 logits = model(inputs)
             loss = soft_cross_entropy(logits, targets, config.label_smoothing)
@@ -293,6 +537,8 @@ def train(
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if average is not None:
+                average.update()
             # Running metrics stay on the device; one sync per epoch, not per batch.
             batch = len(inputs)
             seen += batch
@@ -301,7 +547,7 @@ def train(
             if bar is not loader and bar.n % 20 == 0:
                 bar.set_postfix(loss=f"{(loss_sum / seen).item():.4f}", acc=f"{(correct / seen).item():.4f}")
         train_loss, train_acc = (loss_sum / seen).item(), (correct / seen).item()
-        test_acc, test_loss, _ = evaluate(model, test_set.inputs, test_labels)
+        test_acc, test_loss, _ = evaluate(evaluated, test_set.inputs, test_labels)
         entry = {
             "epoch": epoch,
             "train_loss": round(train_loss, 6),
@@ -316,21 +562,11 @@ def train(
             f"epoch {epoch}/{config.epochs}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
             f"test loss {test_loss:.4f} acc {test_acc:.4f} | {entry['elapsed_s']:.1f}s"
         )
+        if stop_when is not None and stop_when(entry):
+            break
+    if average is not None:
+        model.load_state_dict(average.model.state_dict())
     return history
-
-
-def fast_bf16(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and _cpu_has_bf16()
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # --------------------------------------------------------------------------- outputs
@@ -421,7 +657,12 @@ def build_card(
             "confusion_matrix": {"rows": "true class", "columns": "predicted class", "counts": confusion.tolist()},
         },
         "training": {
-            **{key: value for key, value in asdict(config).items() if key not in ("hidden_sizes", "dropout")},
+            # The architecture's own numbers are under "architecture"; the rest of the recipe here.
+            **{
+                key: value
+                for key, value in asdict(config).items()
+                if key not in ("arch", "hidden_sizes", "channels", "dropout")
+            },
             "loss": "cross-entropy on one-hot targets (label smoothing as above)",
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device)
@@ -447,20 +688,34 @@ def build_card(
 
 def check_writable(output_dir: Path) -> None:
     """Fail before training, not after it, when the model could not be written (OSError)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"{output_dir} is a file, not a folder")
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=output_dir):
         pass
 
 
+def check_data_dir(data_dir: Path | None, download: bool | None) -> None:
+    """A folder the user named is used, never made up: it must exist unless --download says to create it."""
+    if data_dir is None or download or data_dir.is_dir():
+        return
+    if data_dir.exists():
+        raise DataError(f"--data-dir {data_dir} is a file, not a folder")
+    raise DataError(
+        f"--data-dir {data_dir} does not exist. Create it (empty is fine: it is filled from the Debian package "
+        f"dataset-fashion-mnist when that is installed) or pass --download to let training create it and "
+        f"download Fashion-MNIST into it"
+    )
+
+
 def main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     device = resolve_device(args.device)
-    # bf16 autocast only where the hardware has it (elsewhere it is slower than float32); the card says which ran.
-    config.bf16 = config.bf16 and fast_bf16(device)
     torch.manual_seed(config.seed)
     root = args.data_dir if args.data_dir is not None else default_data_root()
     try:
-        root, source = ensure_fashion_mnist(root, debian_dir=args.debian_dir, download=not args.no_download)
+        check_data_dir(args.data_dir, args.download)
+        root, source = ensure_fashion_mnist(root, debian_dir=args.debian_dir, download=args.download is not False)
         train_set = FastFashionMNIST(root, train=True)
         test_set = FastFashionMNIST(root, train=False)
         extra = ImageFolderDataset(args.extra_data) if args.extra_data is not None else None
@@ -470,7 +725,10 @@ def main(args: argparse.Namespace) -> int:
     try:
         check_writable(args.output_dir)
     except OSError as error:
-        print(f"error: cannot write the model to {args.output_dir}: {error.strerror or error}", file=sys.stderr)
+        reason = error.strerror if error.strerror and not isinstance(error, NotADirectoryError) else error
+        if isinstance(error, NotADirectoryError) and error.filename is not None:
+            reason = f"a part of the path is a file, not a folder ({error.strerror})"
+        print(f"error: cannot write the model to {args.output_dir}: {reason}", file=sys.stderr)
         return 2
     data = {
         "source": source,
@@ -502,14 +760,17 @@ def main(args: argparse.Namespace) -> int:
         if args.freeze:
             freeze_all_but_last(model)
     else:
-        model_config = ModelConfig(hidden_sizes=config.hidden_sizes, dropout=config.dropout)
+        model_config = ModelConfig(
+            kind=config.arch, hidden_sizes=config.hidden_sizes, dropout=config.dropout, channels=config.channels
+        )
         model = build_model(model_config)
-    config.hidden_sizes, config.dropout = model_config.hidden_sizes, model_config.dropout
+    config.arch, config.hidden_sizes = model_config.kind, model_config.hidden_sizes
+    config.dropout, config.channels = model_config.dropout, model_config.channels
 
     started = time.perf_counter()
     print(
         f"training on {len(train_data):,} images ({source}: {root}) on {device}, "
-        f"{config.epochs} epochs of batch {config.batch_size}",
+        f"{config.epochs} epochs of batch {config.batch_size}, {config.arch} {model_config.to_dict()}",
         file=sys.stderr,
     )
     history = train(model, train_data, test_set, config, device, log=lambda line: print(line, file=sys.stderr))
