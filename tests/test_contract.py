@@ -112,3 +112,25 @@ def test_known_answer_with_hand_set_weights():
     logits = model(x)
     assert logits.argmax().item() == CLASS_NAMES.index("Coat")
     assert np.allclose(logits.detach().numpy()[0], [0, 0, 0, 0, 2.0, 0, 0, 0, 0, 0])
+
+
+def test_the_torchvision_transform_and_the_written_out_arithmetic_give_the_same_bits(test_set):
+    transforms = [type(t).__name__ for t in FEATURE_TRANSFORM.transforms]
+    assert transforms[:3] == ["ToImage", "ToDtype", "Normalize"]
+    every_value = (torch.arange(784) % 256).to(torch.uint8).reshape(1, *INPUT_SHAPE)  # all 256 values, one image
+    assert torch.equal(FEATURE_TRANSFORM(every_value), pixels_to_input(every_value))
+    assert torch.equal(FEATURE_TRANSFORM(test_set.data.unsqueeze(1)), pixels_to_input(test_set.data))
+    assert type(FEATURE_TRANSFORM(every_value)) is torch.Tensor  # not a tv_tensors.Image
+
+
+def test_cnn_config_builds_a_sequential_and_round_trips():
+    config = ModelConfig(kind="cnn", channels=(8, 16), hidden_sizes=(32,), dropout=0.25)
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    model = build_model(config)
+    assert isinstance(model, torch.nn.Sequential)
+    assert [type(m).__name__ for m in model][:4] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]
+    assert model.eval()(torch.zeros(3, *INPUT_SHAPE)).shape == (3, NUM_CLASSES)
+    assert "channels" not in ModelConfig().to_dict()  # an MLP's card is unchanged
+    for bad in ({"kind": "cnn", "channels": ()}, {"kind": "cnn", "channels": (8, 8, 8, 8)}, {"channels": (8,)}):
+        with pytest.raises(ValueError):
+            ModelConfig(**bad)

@@ -61,22 +61,22 @@ class TrainConfig:
     (``choose_mode``); ``calibration`` then records what was measured.
     """
 
-    epochs: int = 30
+    epochs: int = 60
     batch_size: int = 1024
     lr: float = 4e-3
-    weight_decay: float = 1e-4
+    weight_decay: float = 0.05
     label_smoothing: float = 0.1
-    hflip: float = 0.0
+    hflip: float = 0.5
     shift: int = 0
     erase: float = 0.0
-    ema: float = 0.0
+    ema: float = 0.99
     bf16: bool | None = None
     threads: int | None = None
     seed: int = 0
     arch: str = "mlp"
     hidden_sizes: tuple[int, ...] = (512, 512)
     channels: tuple[int, ...] = ()
-    dropout: float = 0.0
+    dropout: float = 0.2
     freeze: bool = False
     limit_train: int | None = None
     optimizer: str = field(default="AdamW (fused where available)")
@@ -97,7 +97,6 @@ RECIPES: dict[str, TrainConfig] = {
         hidden_sizes=(128,),
         channels=(32, 64),
         dropout=0.25,
-        ema=0.99,
     ),
 }
 
