@@ -28,10 +28,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 import requests
 import torch
-import kubernetes_validate
 import yaml
 
 from fashion.checkpoint import read_card
@@ -47,7 +47,10 @@ KUSTOMIZATIONS = {
     "kserve": DEPLOY / "kserve",
 }
 # Extra manifests applied on their own (not through a kustomization).
-LOOSE_MANIFESTS = [DEPLOY / "k8s" / "ingress-nginx" / "controller-config.yaml"]
+LOOSE_MANIFESTS = [
+    DEPLOY / "k8s" / "ingress-nginx" / "controller-config.yaml",
+    DEPLOY / "k8s" / "tools" / "model-copy-pod.yaml",
+]
 
 _spec = importlib.util.spec_from_file_location("deploy_render", DEPLOY / "render.py")
 render_module = importlib.util.module_from_spec(_spec)
@@ -149,7 +152,7 @@ def test_core_objects_are_valid_against_the_kubernetes_schema(rendered):
         checked.append(obj["kind"])
     for kind in ("Namespace", "PersistentVolumeClaim", "Deployment", "Service", "HorizontalPodAutoscaler"):
         assert kind in checked
-    for kind in ("PodDisruptionBudget", "NetworkPolicy", "Ingress", "Job", "ConfigMap"):
+    for kind in ("PodDisruptionBudget", "NetworkPolicy", "Ingress", "Job", "ConfigMap", "Pod"):
         assert kind in checked
 
 
@@ -228,7 +231,10 @@ def test_service_monitor_selects_the_service_and_its_port(rendered):
     assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
     port_names = {port["name"] for port in service["spec"]["ports"]}
     for endpoint in monitor["spec"]["endpoints"]:
-        assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme"}
+        assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme", "metricRelabelings"}
+        for relabel in endpoint.get("metricRelabelings", []):
+            assert relabel["action"] in {"drop", "keep"} and relabel["sourceLabels"] == ["__name__"]
+            re.compile(relabel["regex"])
         assert endpoint["port"] in port_names and endpoint["path"] == "/metrics"
         assert re.fullmatch(r"\d+s", endpoint["interval"]) and re.fullmatch(r"\d+s", endpoint["scrapeTimeout"])
 
@@ -262,7 +268,8 @@ def test_deployment_probes_security_and_model_volume(rendered):
 
     # One sync worker per core of the limit, one torch thread each; Guaranteed QoS.
     resources = container["resources"]
-    assert resources["requests"] == {**resources["limits"], "ephemeral-storage": resources["requests"]["ephemeral-storage"]}
+    limits, requests_ = resources["limits"], resources["requests"]
+    assert {k: requests_[k] for k in ("cpu", "memory")} == {k: limits[k] for k in ("cpu", "memory")}
     cores = _cpu_cores(resources["limits"]["cpu"])
     assert int(env["WORKERS"]) == cores and int(env["WORKERS"]) * int(env["TORCH_THREADS"]) <= cores
     # preStop sleep, then gunicorn's graceful shutdown, must both fit in the grace period.
@@ -295,7 +302,8 @@ def test_service_hpa_pdb_networkpolicy_and_ingress_fit_the_deployment(rendered):
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"] and policy["spec"]["egress"] == []
 
     ingress = _by_kind(objects, "Ingress")
-    annotations = {k.removeprefix("nginx.ingress.kubernetes.io/"): v for k, v in ingress["metadata"]["annotations"].items()}
+    prefix = "nginx.ingress.kubernetes.io/"
+    annotations = {k.removeprefix(prefix): v for k, v in ingress["metadata"]["annotations"].items()}
     size = annotations["proxy-body-size"]
     assert size.endswith("m") and int(size[:-1]) * 1024 * 1024 == Settings.max_upload_bytes
     assert annotations["proxy-request-buffering"] == "on" and annotations["proxy-buffering"] == "on"
@@ -407,3 +415,220 @@ def test_checkov_finds_nothing_in_the_manifests_and_the_dockerfile(tmp_path):
 
 def render_all() -> dict[str, list[dict]]:
     return {name: render(folder) for name, folder in KUSTOMIZATIONS.items()}
+
+
+# --------------------------------------------------------------------------- podman kube play, for real
+# The rendered manifests run as they are, but for what cannot exist on this machine, swapped below:
+# the image (a local build, docker.io/library/NAME:TAG, imagePullPolicy Never: no registry here), the
+# model volume (a hostPath to a copy of models/ instead of the PersistentVolumeClaim: no storage
+# provisioner), the object name (k8s- prefix, so other users of the shared engine are never touched),
+# one replica (podman publishes the containerPort on the host), and the Job, which podman 4.3 does not
+# run, played as a Pod of the Job's own pod template.
+
+from tests.test_container import (  # noqa: E402
+    BUILD_TIMEOUT_S,
+    ENGINE_PROBLEM,
+    SAMPLES,
+    _copy_repository,
+    _offline_probabilities,
+    _png,
+    _torch_index_url,
+)
+
+API_IMAGE = "docker.io/library/k8s-fashion-mnist-api:test"
+TRAIN_IMAGE = "docker.io/library/k8s-fashion-mnist-train:test"
+API_NAME = "k8s-fashion-mnist-api"
+TRAIN_NAME = "k8s-fashion-mnist-train"
+
+
+def _podman_problem() -> str | None:
+    if ENGINE_PROBLEM is not None:
+        return ENGINE_PROBLEM
+    if shutil.which("podman") is None:
+        return "no podman on PATH (the engine's `podman kube play` runs the manifests)"
+    if os.geteuid() != 0:
+        return "`podman kube play` with this engine needs root"
+    info = subprocess.run(["podman", "info", "--format", "{{.Version.Version}}"], capture_output=True, text=True)
+    return None if info.returncode == 0 else f"podman does not answer: {info.stderr.strip()[-300:]}"
+
+
+PODMAN_PROBLEM = _podman_problem()
+needs_podman = pytest.mark.skipif(PODMAN_PROBLEM is not None, reason=f"no container engine: {PODMAN_PROBLEM}")
+
+
+def _podman(*args: str, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args)} exited {result.returncode}: {result.stderr[-3000:]}")
+    return result
+
+
+def _local(pod_spec: dict, image: str, models: Path) -> None:
+    """Swap what cannot exist here (see the comment above) in a pod spec, in place."""
+    for container in pod_spec["containers"]:
+        container["image"], container["imagePullPolicy"] = image, "Never"
+    for volume in pod_spec["volumes"]:
+        if "persistentVolumeClaim" in volume:
+            del volume["persistentVolumeClaim"]
+            volume["hostPath"] = {"path": str(models), "type": "Directory"}
+
+
+def _pod_ip(pod: str) -> str:
+    infra = _podman("pod", "inspect", pod, "--format", "{{.InfraContainerID}}").stdout.strip()
+    ip = _podman("inspect", infra, "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}").stdout
+    assert ip.strip(), f"pod {pod} has no IP"
+    return ip.strip()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, str]:
+    """The model-free api image and the train image, built from the files git knows (as a user's clone)."""
+    root = tmp_path_factory.mktemp("k8s-repo-copy")
+    _copy_repository(root)
+    for target, tag in (("api", API_IMAGE), ("train", TRAIN_IMAGE)):
+        result = subprocess.run(
+            [
+                *("docker", "build", "--target", target),
+                *("--build-arg", f"TORCH_INDEX_URL={_torch_index_url()}"),
+                *("-t", tag.removeprefix("docker.io/library/"), str(root)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=BUILD_TIMEOUT_S,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {"api": API_IMAGE, "train": TRAIN_IMAGE}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    """A copy of models/, owned by the pods' user so that the training pod can write it (fsGroup's job)."""
+    folder = tmp_path_factory.mktemp("k8s-models")
+    for name in ("model.json", "model.safetensors"):
+        shutil.copy2(REPO / "models" / name, folder / name)
+    for path in (folder, *folder.iterdir()):
+        os.chown(path, 10001, 10001)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def api_pod(images, models, tmp_path_factory):
+    deployment = copy.deepcopy(_by_kind(render(KUSTOMIZATIONS["cpu"]), "Deployment"))
+    deployment["metadata"]["name"] = API_NAME
+    deployment["spec"]["replicas"] = 1
+    _local(deployment["spec"]["template"]["spec"], images["api"], models)
+    manifest = tmp_path_factory.mktemp("k8s-play") / "deployment.yaml"
+    manifest.write_text(yaml.safe_dump(deployment, sort_keys=False))
+    _podman("kube", "down", str(manifest), check=False)
+    pod, container = f"{API_NAME}-pod-0", f"{API_NAME}-pod-0-api"
+    try:
+        _podman("kube", "play", str(manifest), timeout=300)
+        url = f"http://{_pod_ip(pod)}:8000"
+        deadline, status = time.monotonic() + 180, None
+        while status != 200 and time.monotonic() < deadline:
+            with contextlib.suppress(requests.RequestException):
+                status = requests.get(f"{url}/readyz", timeout=2).status_code
+            time.sleep(1)
+        logs = _podman("logs", container, check=False)
+        assert status == 200, f"/readyz {status} after 180 s:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}"
+        yield {"url": url, "pod": pod, "container": container, "deployment": deployment}
+    finally:
+        _podman("kube", "down", str(manifest), check=False)
+
+
+@pytest.mark.container
+@pytest.mark.slow
+@needs_podman
+def test_deployment_runs_in_podman_kube_play_and_predicts_like_the_offline_model(api_pod, models, test_set):
+    pixels = test_set.data[:SAMPLES]
+    expected = _offline_probabilities(models, pixels)
+    card = read_card(models)
+    for i in range(SAMPLES):
+        response = requests.post(
+            f"{api_pod['url']}/predict", data=_png(pixels[i]), headers={"Content-Type": "image/png"}, timeout=30
+        )
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        probabilities = torch.tensor([answer["probabilities"][name] for name in CLASS_NAMES])
+        assert torch.allclose(probabilities, expected[i], atol=1e-5), (i, probabilities, expected[i])
+        assert answer["model"]["sha256"] == card["weights"]["sha256"]
+    assert requests.get(f"{api_pod['url']}/metrics", timeout=10).status_code == 200
+    v2 = requests.get(f"{api_pod['url']}/v2/models/{card['name']}/ready", timeout=10)
+    assert v2.status_code == 200
+
+
+@pytest.mark.container
+@pytest.mark.slow
+@needs_podman
+def test_pod_has_the_manifests_security_context_and_limits(api_pod):
+    container = api_pod["container"]
+    config = json.loads(_podman("inspect", container).stdout)[0]
+    assert config["HostConfig"]["ReadonlyRootfs"] is True
+    spec = api_pod["deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert config["HostConfig"]["Memory"] == 1024**3 and spec["resources"]["limits"]["memory"] == "1Gi"
+    quota, period = config["HostConfig"]["CpuQuota"], config["HostConfig"]["CpuPeriod"]
+    assert quota / period == _cpu_cores(spec["resources"]["limits"]["cpu"])
+    status = _podman("exec", container, "cat", "/proc/1/status").stdout
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    assert fields["Uid"].split()[0] == "10001"  # gunicorn itself
+    assert int(fields["CapEff"], 16) == 0 and int(fields["CapPrm"], 16) == 0
+    assert fields["NoNewPrivs"].strip() == "1" and fields["Seccomp"].strip() == "2"  # filtering
+    for path in ("/app/probe", "/mnt/models/probe"):
+        result = _podman("exec", container, "touch", path, check=False)
+        assert result.returncode != 0 and "Read-only file system" in result.stderr, (path, result.stderr)
+    assert _podman("exec", container, "touch", "/tmp/probe", check=False).returncode == 0  # the emptyDir
+    # The api image carries no model: Kubernetes mounts one at MODEL_DIR.
+    listing = _podman("run", "--rm", "--entrypoint", "ls", API_IMAGE, "/app").stdout.split()
+    assert "models" not in listing and {"fashion", "service"} <= set(listing)
+
+
+@pytest.mark.container
+@pytest.mark.slow
+@needs_podman
+def test_training_job_pod_writes_a_model_that_the_running_pod_hot_reloads(api_pod, images, models, tmp_path, test_set):
+    before = read_card(models)
+    job = _by_kind(render(KUSTOMIZATIONS["train"]), "Job")
+    template = copy.deepcopy(job["spec"]["template"])
+    spec = template["spec"]
+    _local(spec, images["train"], models)
+    # One epoch instead of the Job's 30, so the test takes a minute; everything else is the Job's.
+    args = spec["containers"][0]["args"]
+    args[args.index("--epochs") + 1] = "1"
+    # podman 4.3 keeps an emptyDir as a named volume: a name of its own keeps it from the api pod's /tmp.
+    for volume in spec["volumes"]:
+        if volume["name"] == "tmp":
+            volume["name"] = "train-tmp"
+    spec["containers"][0]["volumeMounts"] = [
+        {**m, "name": "train-tmp"} if m["name"] == "tmp" else m for m in spec["containers"][0]["volumeMounts"]
+    ]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {**template["metadata"], "name": TRAIN_NAME}, "spec": spec}
+    manifest = tmp_path / "train-pod.yaml"
+    manifest.write_text(yaml.safe_dump(pod, sort_keys=False))
+    container = f"{TRAIN_NAME}-train"
+    _podman("kube", "down", str(manifest), check=False)
+    try:
+        _podman("kube", "play", str(manifest), timeout=300)
+        deadline, state = time.monotonic() + 900, {}
+        while time.monotonic() < deadline:
+            state = json.loads(_podman("inspect", container).stdout)[0]["State"]
+            if state["Status"] == "exited":
+                break
+            time.sleep(3)
+        logs = _podman("logs", container, check=False)
+        output = logs.stdout[-3000:] + logs.stderr[-3000:]
+        assert state.get("ExitCode") == 0, f"train pod {state.get('Status')}:\n{output}"
+    finally:
+        _podman("kube", "down", str(manifest), check=False)
+    card = read_card(models)
+    assert card["weights"]["sha256"] != before["weights"]["sha256"] and card["training"]["epochs"] == 1
+
+    # The running api pod swaps to the new model by itself; both workers must get there.
+    png = _png(test_set.data[0])
+    deadline, streak = time.monotonic() + 60, 0
+    while streak < 6:
+        assert time.monotonic() < deadline, "the pod still serves the old model 60 s after the training pod"
+        answer = requests.post(
+            f"{api_pod['url']}/predict", data=png, headers={"Content-Type": "image/png"}, timeout=30
+        ).json()
+        streak = streak + 1 if answer["model"]["sha256"] == card["weights"]["sha256"] else 0
+        time.sleep(0.2)
