@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install serve train test lint bench clean
+.PHONY: install serve train test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,12 @@ train: install
 
 test: install
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The in-process tests only (no gunicorn, browser, container, GPU or training run): under 30 s.
+test-fast: install
+	$(PY) -m pytest -m "not server and not slow and not container and not browser and not gpu" $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check .
