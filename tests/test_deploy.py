@@ -453,6 +453,8 @@ def _podman_problem() -> str | None:
 
 
 PODMAN_PROBLEM = _podman_problem()
+# Whichever test runs first builds both images (cold: several minutes), then plays, trains and waits.
+PODMAN_TEST_TIMEOUT_S = BUILD_TIMEOUT_S + 900
 needs_podman = pytest.mark.skipif(PODMAN_PROBLEM is not None, reason=f"no container engine: {PODMAN_PROBLEM}")
 
 
@@ -538,6 +540,7 @@ def api_pod(images, models, tmp_path_factory):
 
 @pytest.mark.container
 @pytest.mark.slow
+@pytest.mark.timeout(PODMAN_TEST_TIMEOUT_S)
 @needs_podman
 def test_deployment_runs_in_podman_kube_play_and_predicts_like_the_offline_model(api_pod, models, test_set):
     pixels = test_set.data[:SAMPLES]
@@ -559,6 +562,7 @@ def test_deployment_runs_in_podman_kube_play_and_predicts_like_the_offline_model
 
 @pytest.mark.container
 @pytest.mark.slow
+@pytest.mark.timeout(PODMAN_TEST_TIMEOUT_S)
 @needs_podman
 def test_pod_has_the_manifests_security_context_and_limits(api_pod):
     container = api_pod["container"]
@@ -584,6 +588,7 @@ def test_pod_has_the_manifests_security_context_and_limits(api_pod):
 
 @pytest.mark.container
 @pytest.mark.slow
+@pytest.mark.timeout(PODMAN_TEST_TIMEOUT_S)
 @needs_podman
 def test_training_job_pod_writes_a_model_that_the_running_pod_hot_reloads(api_pod, images, models, tmp_path, test_set):
     before = read_card(models)
