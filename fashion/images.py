@@ -7,8 +7,17 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-# Formats we decode; anything else Pillow could open (PSD, EPS via Ghostscript, ...) is refused.
-ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"})
+# The formats we decode, each with the Content-Types clients send it as (the usual one first, then
+# aliases seen in the wild). Anything else Pillow could open (PSD, EPS via Ghostscript, ...) is refused.
+MEDIA_TYPES = {
+    "PNG": ("image/png",),
+    "JPEG": ("image/jpeg", "image/jpg", "image/pjpeg"),
+    "WEBP": ("image/webp",),
+    "GIF": ("image/gif",),
+    "BMP": ("image/bmp", "image/x-bmp", "image/x-ms-bmp"),
+    "TIFF": ("image/tiff",),
+}
+ALLOWED_FORMATS = frozenset(MEDIA_TYPES)
 # Far above any real product photo (8,000 x 8,000), far below a decompression bomb.
 DEFAULT_MAX_PIXELS = 64_000_000
 

@@ -31,7 +31,7 @@ from PIL import Image
 
 from fashion.checkpoint import load_checkpoint, read_card
 from fashion.contract import CLASS_NAMES, pixels_to_input
-from tests.serverutil import free_port
+from testing.server import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PROJECT = "fashion-mnist-test"
