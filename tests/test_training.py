@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from fashion.bounds import parse_bounded
 from fashion.checkpoint import (
     CARD_FILE,
     PREVIOUS_WEIGHTS_FILE,
@@ -314,8 +316,10 @@ def test_cli_trains_writes_card_and_fine_tunes_frozen(tmp_path, data_root):
     before, _ = load_checkpoint(base)
     after, tuned_card = load_checkpoint(tuned)
     assert tuned_card["training"]["init_from"]["weights_sha256"] == card["weights"]["sha256"]
-    assert torch.equal(before[1].weight, after[1].weight)  # frozen first layer
-    assert not torch.equal(before[3].weight, after[3].weight)  # retrained last layer
+    linears_before = [m for m in before if isinstance(m, torch.nn.Linear)]
+    linears_after = [m for m in after if isinstance(m, torch.nn.Linear)]
+    assert torch.equal(linears_before[0].weight, linears_after[0].weight)  # frozen first layer
+    assert not torch.equal(linears_before[-1].weight, linears_after[-1].weight)  # retrained last layer
 
 
 def test_freeze_leaves_only_the_last_layer_trainable():
@@ -623,3 +627,18 @@ def test_cnn_trains_saves_and_loads_like_the_mlp(tmp_path, data_root, test_set):
     model, _ = load_checkpoint(out)  # rebuilt from the card by build_model, nothing CNN-specific
     accuracy, _, _ = evaluate(model, test_set.inputs, test_set.targets)
     assert accuracy == card["metrics"]["test_accuracy"]
+
+
+def test_the_one_bounded_number_parser():
+    assert parse_bounded("1_000", int, minimum=1) == 1000
+    assert parse_bounded(" 0.5 ", float, minimum=0, below=1) == 0.5
+    for text, kind, bounds, message in [
+        ("x", int, {}, "'x' is not an integer"),
+        ("0", int, {"minimum": 1}, "must be at least 1, got 0"),
+        ("9", int, {"minimum": 1, "maximum": 8}, "must be at least 1 and at most 8, got 9"),
+        ("nan", float, {"above": 0}, "must be a finite number greater than 0, got nan"),
+        ("inf", float, {}, "must be a finite number, got inf"),
+        ("1", float, {"minimum": 0, "below": 1}, "must be a finite number at least 0 and below 1, got 1"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            parse_bounded(text, kind, **bounds)
