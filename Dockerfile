@@ -101,8 +101,8 @@ USER app
 COPY --from=code /out/train/ /app/
 
 
-# ---- serve (default target): the prediction API ----
-FROM runtime AS serve
+# ---- api: the prediction API without a model (Kubernetes/KServe mount one at MODEL_DIR) ----
+FROM runtime AS api
 # Bind all interfaces inside the container; publishing the port decides who can reach it.
 ENV HOST=0.0.0.0 \
     PORT=8000 \
@@ -118,6 +118,10 @@ LABEL org.opencontainers.image.title="fashion-mnist-serve" \
       org.opencontainers.image.description="Fashion-MNIST classifier API: POST an image to /predict, get softmax probabilities" \
       org.opencontainers.image.revision="${REVISION}"
 USER app
+COPY --from=code /out/serve/ /app/
+
+
+# ---- serve (default target): api plus the bundled model, for `docker compose up` and `docker run` ----
+FROM api AS serve
 # The bundled model; compose mounts ./models over it, read-only.
 COPY models/ models/
-COPY --from=code /out/serve/ /app/

@@ -11,7 +11,9 @@ worker replaced after max_requests starts without importing anything again (the 
 benchmark section has the measured start time).
 """
 
+import errno
 import os
+import socket
 import sys
 
 # torch.cuda.is_available() through NVML does not initialise CUDA in the master, which would
@@ -27,11 +29,35 @@ except ConfigError as _error:
     print(f"fashion-serve: configuration error: {_error}", file=sys.stderr, flush=True)
     sys.exit(EXIT_CONFIG_ERROR)
 
+
+def _port_taken(host: str, port: int) -> bool:
+    """Whether another program listens on host:port (SO_REUSEADDR, as gunicorn binds: TIME_WAIT is no obstacle)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return error.errno == errno.EADDRINUSE
+    return False
+
+
+# gunicorn would retry a taken port for 5 s and then stop with "Can't connect"; say what to do instead.
+# Skipped when the listening socket is inherited (a gunicorn re-exec, systemd socket activation).
+if not (os.environ.get("GUNICORN_FD") or os.environ.get("LISTEN_FDS")) and _port_taken(_settings.host, _settings.port):
+    _other = _settings.port + 1
+    print(
+        f"fashion-serve: {_settings.host}:{_settings.port} is already in use by another program; "
+        f"serve on another port: `make serve PORT={_other}` (or PORT={_other} in the environment)",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.exit(EXIT_CONFIG_ERROR)
+
 # Prometheus multi-process mode (service/metrics.py): prometheus-client chooses file-backed
 # values when it is first imported, so the directory is set before the app (and the library)
 # is imported. Each server start gets a fresh one, which the workers inherit; a dead worker's
 # live gauges are dropped (child_exit); the directory is removed at exit (on_exit).
-from service.multiprocess import child_exit, on_exit, prepare_directory  # noqa: F401
+from service.multiprocess import child_exit, on_exit, prepare_directory  # noqa: E402, F401
 
 _metrics_dir = prepare_directory()
 
