@@ -106,6 +106,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-connections", type=int, default=4)
     parser.add_argument("--starts", type=int, default=3, help="cold starts timed")
     parser.add_argument("--stages", action="store_true", help="print the in-process cost per stage and exit")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        help="with --stages: only the whole-request rows, for the service and ceiling code in this checkout "
+        "(another commit's, e.g. `git worktree add /tmp/before 29f47c2`)",
+    )
     return parser.parse_args(argv)
 
 
@@ -331,25 +337,21 @@ def stage_costs(args: argparse.Namespace, images: int = 500, rounds: int = 7) ->
     """In-process CPU microseconds per call of each stage of a single-image POST /predict (median of
     rounds; the whole request through the WSGI app, no HTTP server), next to the ceiling app's request."""
     import io as _io
+    import sys as _sys
 
-    import torch
     from werkzeug.test import EnvironBuilder
-
-    from benchmarks import ceiling_app
-    from fashion.contract import to_fashion_mnist
-    from fashion.images import decode_image
-    from service.app import create_app
-    from service.web import crop_pixels, decode_crop, prediction_json, read_images, to_inputs
 
     pixels = FashionMNIST(str(args.data_dir), train=False).data.numpy()
     blobs = [png(pixels[i]) for i in range(images)]
+    if args.root:  # another checkout's code, all of it: drop what this one has imported
+        for name in [m for m in _sys.modules if m.split(".")[0] in ("fashion", "service", "benchmarks")]:
+            del _sys.modules[name]
+        _sys.path.insert(0, str(args.root.resolve()))
+    from benchmarks import ceiling_app
+    from service import create_app
+
     app = create_app({"MODEL_DIR": str(args.model_dir)})  # the defaults: access log and metrics on
     ceiling = ceiling_app.create_app()
-    runner = app.extensions["model_runner"]
-    model = runner.current
-    decoded = [decode_image(blob) for blob in blobs]
-    batches = [to_inputs([blob], "auto", 10**8) for blob in blobs]
-    rows = [row.tolist() for row in model.predict(torch.cat(batches))]
     environs = [
         EnvironBuilder(path="/predict", method="POST", data=b, content_type="image/png").get_environ() for b in blobs
     ]
@@ -362,24 +364,12 @@ def stage_costs(args: argparse.Namespace, images: int = 500, rounds: int = 7) ->
 
         return run
 
-    def reading(index: int) -> None:
-        environ = dict(environs[index], **{"wsgi.input": _io.BytesIO(blobs[index])})
-        with app.request_context(environ):
-            read_images(64)
-
     stages = {
         "ceiling: a constant-JSON Flask request": through(ceiling),
         "/predict: the whole request": through(app),
-        "read_images (the body, in a request context)": reading,
-        "decode_crop (the plain 28x28 PNG fast path)": lambda i: decode_crop(blobs[i]),
-        "decode_image (the general path: Pillow open + load)": lambda i: decode_image(blobs[i]),
-        "crop_pixels (a decoded crop's pixels, inverted if asked)": lambda i: crop_pixels(decoded[i], "auto"),
-        "to_fashion_mnist (the general photo path)": lambda i: to_fashion_mnist(decoded[i], "auto"),
-        "to_inputs (decode + pixels + normalized tensor)": lambda i: to_inputs([blobs[i]], "auto", 10**8),
-        "model forward + softmax": lambda i: model.predict(batches[i]),
-        "runner.predict (forward + softmax + metrics)": lambda i: runner.predict(model, batches[i]),
-        "prediction_json (the answer's JSON text)": lambda i: prediction_json(rows[i], 0, model.identity_json),
     }
+    if not args.root:
+        stages.update(_stages_of_this_checkout(app, blobs, environs))
     costs: dict[str, list[float]] = {name: [] for name in stages}
     null = os.open(os.devnull, os.O_WRONLY)
     saved = os.dup(2)
@@ -397,11 +387,47 @@ def stage_costs(args: argparse.Namespace, images: int = 500, rounds: int = 7) ->
     return {name: statistics.median(values) for name, values in costs.items()}
 
 
+def _stages_of_this_checkout(app, blobs: list[bytes], environs: list[dict]) -> dict:
+    """The steps of a /predict, each callable with an image's index."""
+    import io as _io
+
+    import torch
+
+    from fashion.contract import to_fashion_mnist
+    from fashion.images import decode_image
+    from service.web import crop_pixels, decode_crop, prediction_json, read_images, to_inputs
+
+    runner = app.extensions["model_runner"]
+    model = runner.current
+    decoded = [decode_image(blob) for blob in blobs]
+    batches = [to_inputs([blob], "auto", 10**8) for blob in blobs]
+    rows = [row.tolist() for row in model.predict(torch.cat(batches))]
+
+    def reading(index: int) -> None:
+        environ = dict(environs[index], **{"wsgi.input": _io.BytesIO(blobs[index])})
+        with app.request_context(environ):
+            read_images(64)
+
+    stages = {
+        "read_images (the body, in a request context)": reading,
+        "decode_crop (the plain 28x28 PNG fast path)": lambda i: decode_crop(blobs[i]),
+        "decode_image (the general path: Pillow open + load)": lambda i: decode_image(blobs[i]),
+        "crop_pixels (a decoded crop's pixels, inverted if asked)": lambda i: crop_pixels(decoded[i], "auto"),
+        "to_fashion_mnist (the general photo path)": lambda i: to_fashion_mnist(decoded[i], "auto"),
+        "to_inputs (decode + pixels + normalized tensor)": lambda i: to_inputs([blobs[i]], "auto", 10**8),
+        "model forward + softmax": lambda i: model.predict(batches[i]),
+        "runner.predict (forward + softmax + metrics)": lambda i: runner.predict(model, batches[i]),
+        "prediction_json (the answer's JSON text)": lambda i: prediction_json(rows[i], 0, model.identity_json),
+    }
+    return stages
+
+
 if __name__ == "__main__":
     arguments = parse_args()
     if arguments.stages:
-        print("in-process CPU time per call, us (median of 7 interleaved rounds, 1 thread):")
-        for stage, microseconds in stage_costs(arguments).items():
+        costs = stage_costs(arguments)
+        print(f"in-process CPU time per call, us (median of 7 interleaved rounds, 1 thread), {sys.modules['service']}:")
+        for stage, microseconds in costs.items():
             print(f"{microseconds:8.1f}  {stage}")
     else:
         main(arguments)

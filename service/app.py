@@ -15,6 +15,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -55,6 +56,14 @@ class ServiceRequest(Request):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.started = time.perf_counter()
+
+    @cached_property
+    def request_id(self) -> str:
+        """The client's X-Request-ID when it is short and plain (so it cannot forge log lines), else a new one."""
+        rid = self.headers.get("X-Request-ID", "")
+        if not rid or len(rid) > 128 or not _REQUEST_ID_CHARS.issuperset(rid):
+            rid = os.urandom(8).hex()
+        return rid
 
 
 class ServiceFlask(Flask):
@@ -175,14 +184,9 @@ def register_request_hook(app: Flask, settings: Settings, observed: metrics.Metr
         rule = req.url_rule
         observe_request(rule.rule if rule is not None else metrics.UNMATCHED, req.method, status, seconds)
         observe_model(runner.current)
-        headers = req.headers
-        rid = headers.get("X-Request-ID", "")
-        # Echo a client's id only when it is short and plain, so it cannot forge log lines.
-        if not rid or len(rid) > 128 or not _REQUEST_ID_CHARS.issuperset(rid):
-            rid = os.urandom(8).hex()
-        response.headers["X-Request-ID"] = rid
+        rid = response.headers["X-Request-ID"] = req.request_id
         if log_requests:
-            traceparent = headers.get("traceparent")
+            traceparent = req.headers.get("traceparent")
             match = _TRACEPARENT.fullmatch(traceparent.strip()) if traceparent else None
             write_line(
                 access_line(
@@ -228,7 +232,7 @@ def register_error_handlers(app: Flask) -> None:
             "unhandled error in %s %s",
             request.method,
             request.path,
-            extra={"request_id": request.headers.get("X-Request-ID")},
+            extra={"request_id": request.request_id},
             exc_info=error,
         )
         return error_response(500, "internal_error", "the server failed to handle this request; it has been logged")
