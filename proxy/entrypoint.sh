@@ -5,6 +5,7 @@ set -eu
 : "${PROXY_HOME:=/etc/fashion-proxy}"   # haproxy.cfg and errors/
 : "${PROXY_BIND:=:8000}"
 : "${PROXY_UPSTREAM:=api:8000}"
+: "${PROXY_SPARE_UPSTREAM:=api-spare:8000}"   # the same replicas under a second name (docker-compose.yml)
 : "${WORKERS:=2}"
 : "${API_MAX_REPLICAS:=16}"
 : "${MAX_UPLOAD_BYTES:=16777216}"
@@ -13,7 +14,7 @@ set -eu
 : "${PROXY_REQUEST_TIMEOUT:=10s}"
 : "${PROXY_QUEUE_TIMEOUT:=30s}"
 : "${PROXY_DRAIN_TIMEOUT:=45s}"
-: "${PROXY_RETRIES:=3}"
+: "${PROXY_RETRIES:=30}"
 
 for name in WORKERS API_MAX_REPLICAS MAX_UPLOAD_BYTES PROXY_CONN_PER_IP PROXY_MAXCONN PROXY_RETRIES; do
     eval "value=\$$name"
@@ -24,6 +25,6 @@ done
 # The request buffer holds a whole request: the largest body plus 64 KiB for the headers.
 PROXY_BUFSIZE=$((MAX_UPLOAD_BYTES + 65536))
 
-export PROXY_HOME PROXY_BIND PROXY_UPSTREAM WORKERS API_MAX_REPLICAS MAX_UPLOAD_BYTES PROXY_CONN_PER_IP PROXY_MAXCONN \
+export PROXY_HOME PROXY_BIND PROXY_UPSTREAM PROXY_SPARE_UPSTREAM WORKERS API_MAX_REPLICAS MAX_UPLOAD_BYTES PROXY_CONN_PER_IP PROXY_MAXCONN \
     PROXY_REQUEST_TIMEOUT PROXY_QUEUE_TIMEOUT PROXY_DRAIN_TIMEOUT PROXY_RETRIES PROXY_BUFSIZE
 exec haproxy -db -f "$PROXY_HOME/haproxy.cfg" "$@"
