@@ -32,6 +32,10 @@ test: install-test
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The in-process tests only (no gunicorn, browser, container, GPU or training run): under 30 s.
+test-fast: install-test
+	$(PY) -m pytest -m "not server and not slow and not container and not browser and not gpu" $(PYTEST_ARGS)
+
 lint: install-test
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .

@@ -31,8 +31,8 @@ sys.path.insert(0, str(PROJECT_ROOT))
 import requests  # noqa: E402
 
 from benchmarks.bench_serving import LUA_SCRIPT, write_bodies  # noqa: E402
-from tests.attacks import SlowClients, bomb_request, hold_connections, probe, small_png  # noqa: E402
-from tests.serverutil import free_port  # noqa: E402
+from testing.attacks import SlowClients, bomb_request, hold_connections, probe, small_png  # noqa: E402
+from testing.server import free_port  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -19,7 +19,6 @@ Timings on a shared machine are noisy: runs are interleaved and repeated and med
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -34,11 +33,11 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
 import requests  # noqa: E402
-from PIL import Image  # noqa: E402
 from torchvision.datasets import FashionMNIST  # noqa: E402
 
 from fashion.contract import CLASS_NAMES  # noqa: E402
-from tests.serverutil import ServerHandle, start_server  # noqa: E402
+from testing.images import png  # noqa: E402
+from testing.server import ServerHandle, start_server  # noqa: E402
 
 CEILING_APP = "benchmarks.ceiling_app:create_app()"
 BOUNDARY = "fashionbenchboundary"
@@ -103,12 +102,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-connections", type=int, default=4)
     parser.add_argument("--starts", type=int, default=3, help="cold starts timed")
     return parser.parse_args(argv)
-
-
-def png(pixels) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def write_bodies(directory: Path, bodies: list[bytes]) -> Path:

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +40,6 @@ from torchvision.datasets import FashionMNIST  # noqa: E402
 from benchmarks.bench_serving import (  # noqa: E402
     CEILING_APP,
     LUA_SCRIPT,
-    png,
     pss_mb,
     run_wrk,
     write_bodies,
@@ -48,7 +48,8 @@ from benchmarks.bench_serving import (  # noqa: E402
 from fashion.checkpoint import MODEL_NAME, save_checkpoint  # noqa: E402
 from fashion.contract import ModelConfig, build_model, pixels_to_input  # noqa: E402
 from service.v2 import HEADER_LENGTH  # noqa: E402
-from tests.serverutil import start_server  # noqa: E402
+from testing.images import png  # noqa: E402
+from testing.server import start_server  # noqa: E402
 
 INFER_PATH = f"/v2/models/{MODEL_NAME}/infer"
 
@@ -111,46 +112,47 @@ def check_bodies(url: str, path: str, directory: Path) -> None:
 
 def hook_cost_us(multiprocess: bool, repeats: int = 20_000) -> dict:
     """Microseconds the metrics add to one single-image request: the request hooks' updates and the
-    prediction's (latency, batch size, class, confidence), measured on the real Metrics object."""
-    env_before = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    prediction's (latency, batch size, class, confidence), measured on the real Metrics object.
+
+    prometheus-client picks in-process or file-backed values at import, so each mode is measured
+    in a fresh interpreter (``python benchmarks/bench_v2.py --hook-cost``)."""
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     directory = tempfile.mkdtemp(prefix="bench-metrics-") if multiprocess else None
     if directory:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-    else:
-        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        env["PROMETHEUS_MULTIPROC_DIR"] = directory
     try:
-        from service.metrics import Metrics
-
-        metrics = Metrics()
-        probabilities = torch.softmax(torch.randn(1, 10), dim=1)
-
-        class Model:
-            card, version, sha256 = {"name": MODEL_NAME}, "0", "0" * 64
-
-            def predict(self, batch):
-                return probabilities
-
-        model = Model()
-        for _ in range(1000):
-            metrics.observe_request("/predict", "POST", 200, 0.001)
-        rounds = []
-        for _ in range(5):  # the fastest round: CPU cost, least disturbed by other processes
-            started = time.perf_counter()
-            for _ in range(repeats):
-                time.perf_counter()  # before_request's timestamp
-                metrics.predict(model, None)
-                metrics.observe_request("/predict", "POST", 200, 0.001)
-                metrics.observe_model(model)
-            rounds.append((time.perf_counter() - started) / repeats * 1e6)
-        per_request = min(rounds)
-        return {"us_per_request": per_request}
+        command = [sys.executable, str(Path(__file__).resolve()), "--hook-cost", str(repeats)]
+        output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+        return {"us_per_request": float(output.strip().splitlines()[-1])}
     finally:
-        if env_before is None:
-            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        else:
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = env_before
         if directory:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def _hook_cost_here(repeats: int) -> float:
+    """hook_cost_us in this process, in whichever mode its environment selects."""
+    from service.metrics import Metrics
+
+    metrics = Metrics()
+    probabilities = torch.softmax(torch.randn(1, 10), dim=1)
+
+    class Model:
+        card, version, sha256 = {"name": MODEL_NAME}, "0", "0" * 64
+
+    model = Model()
+    for _ in range(1000):
+        metrics.observe_request("/predict", "POST", 200, 0.001)
+    rounds = []
+    for _ in range(5):  # the fastest round: CPU cost, least disturbed by other processes
+        started = time.perf_counter()
+        for _ in range(repeats):
+            time.perf_counter()  # before_request's timestamp
+            metrics.observe_prediction(probabilities, 0.0001)
+            metrics.observe_request("/predict", "POST", 200, 0.001)
+            metrics.observe_model(model)
+        rounds.append((time.perf_counter() - started) / repeats * 1e6)
+    return min(rounds)
 
 
 def handler_cost_us(model_dir: Path, bodies: dict, rounds: int = 5, requests_per_round: int = 200) -> dict:
@@ -281,4 +283,7 @@ def report(results: dict) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    if sys.argv[1:2] == ["--hook-cost"]:
+        print(_hook_cost_here(int(sys.argv[2])))
+    else:
+        main(parse_args())

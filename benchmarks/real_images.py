@@ -22,9 +22,9 @@ import numpy as np  # noqa: E402
 from torchvision.datasets import FashionMNIST  # noqa: E402
 
 from fashion.images import DEFAULT_MAX_PIXELS  # noqa: E402
-from service.app import to_inputs  # noqa: E402
 from service.model import ModelRunner  # noqa: E402
-from tests.realimages import ENCODINGS  # noqa: E402
+from service.web import to_inputs  # noqa: E402
+from testing.realimages import ENCODINGS  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

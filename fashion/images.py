@@ -17,8 +17,17 @@ from collections.abc import Sequence
 
 from PIL import Image, UnidentifiedImageError
 
-# Formats we decode; anything else Pillow could open (PSD, EPS via Ghostscript, ...) is refused.
-ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"})
+# The formats we decode, each with the Content-Types clients send it as (the usual one first, then
+# aliases seen in the wild). Anything else Pillow could open (PSD, EPS via Ghostscript, ...) is refused.
+MEDIA_TYPES = {
+    "PNG": ("image/png",),
+    "JPEG": ("image/jpeg", "image/jpg", "image/pjpeg"),
+    "WEBP": ("image/webp",),
+    "GIF": ("image/gif",),
+    "BMP": ("image/bmp", "image/x-bmp", "image/x-ms-bmp"),
+    "TIFF": ("image/tiff",),
+}
+ALLOWED_FORMATS = frozenset(MEDIA_TYPES)
 # Far above any real product photo (8,000 x 8,000), far below a decompression bomb.
 DEFAULT_MAX_PIXELS = 64_000_000
 # All images of one request together, as they will be materialised (a JPEG at its draft scale): one
@@ -144,14 +153,15 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
 def decode_images(
     blobs: Sequence[bytes],
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
+    max_request_pixels: int | None = DEFAULT_MAX_REQUEST_PIXELS,
     deadline: float | None = None,
 ) -> list[Image.Image]:
     """Several images of one request -> decoded images, within the request's pixel and time budget.
 
     All headers are read and the pixels they will materialise are added up before the first image is
     decoded, so an over-budget request costs microseconds. ``deadline`` (a ``time.monotonic()`` value)
-    is checked before each decode. An error carries ``index``, the position of the image at fault.
+    is checked before each decode; None means no limit. An error carries ``index``, the position of the
+    image at fault.
     """
     images, total = [], 0
     for index, blob in enumerate(blobs):
@@ -162,7 +172,7 @@ def decode_images(
             raise
         images.append(image)
         total += image.size[0] * image.size[1]
-    if total > max_request_pixels:
+    if max_request_pixels is not None and total > max_request_pixels:
         raise RequestTooLarge(
             f"the {len(blobs)} image(s) of this request decode to {total:,} pixels in all; "
             f"the limit is {max_request_pixels:,} pixels per request (MAX_REQUEST_PIXELS)"

@@ -2,162 +2,46 @@
 
 ``create_app(test_config=None)`` builds one app with its own ``ModelRunner`` (see
 ``service.model``), found again with ``runner_of(app)``. ``test_config`` maps environment
-variable names (the README's table) to values that override the environment.
-
-A prediction request runs as small steps: ``read_images`` (HTTP body -> image bytes),
-``to_inputs`` (bytes -> decoded, preprocessed, normalized batch), the model's ``predict``
-and ``encode_prediction`` (probabilities -> JSON). Every refusal is a ``ServiceError`` or a
-werkzeug ``HTTPException`` rendered as ``{"error": {"status", "code", "message"}}``.
+variable names (the README's table) to values that override the environment. The request
+steps and the error form are in ``service.web``; the v2 protocol, metrics and API documents
+register their own routes here, at the top of the factory.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
-import sys
+import re
 import time
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from flask import Flask, Response, g, request, send_from_directory
 from PIL import Image
 from werkzeug.exceptions import HTTPException
 
-from fashion.contract import CLASS_NAMES, INVERT_MODES, NUM_CLASSES, canvases_to_input, to_fashion_mnist
-from fashion.images import ImageError, decode_image
+from service import metrics, openapi, v2_routes
 from service.config import Settings
+from service.logs import configure_logging
 from service.model import ModelRunner
+from service.web import (
+    HTTP_CODES,
+    ServiceError,
+    encode_prediction,
+    error_response,
+    json_response,
+    parse_options,
+    read_images,
+    to_inputs,
+)
 
-log = logging.getLogger("service")
+log = logging.getLogger(__name__)
 access_log = logging.getLogger("service.access")
 
-# Raw-body content types taken as an image; the bytes are sniffed anyway (decode_image), so
-# application/octet-stream is fine for clients that do not know the type.
-RAW_IMAGE_TYPES = frozenset(
-    {
-        "image/png",
-        "image/jpeg",
-        "image/jpg",
-        "image/pjpeg",
-        "image/webp",
-        "image/gif",
-        "image/bmp",
-        "image/x-bmp",
-        "image/x-ms-bmp",
-        "image/tiff",
-        "application/octet-stream",
-    }
-)
-HTTP_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-}
 _REQUEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
-
-
-class ServiceError(Exception):
-    """A refusal with its HTTP status, a stable machine-readable code and a message for people."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
-def runner_of(app: Flask) -> ModelRunner:
-    """The ModelRunner that serves ``app``'s predictions."""
-    return app.extensions["model_runner"]
-
-
-def json_response(payload: Any, status: int = 200) -> Response:
-    """Compact JSON without Flask's jsonify machinery (this is on the hot path)."""
-    return Response(json.dumps(payload, separators=(",", ":")), status=status, mimetype="application/json")
-
-
-def error_response(status: int, code: str, message: str) -> Response:
-    g.error_code = code
-    return json_response({"error": {"status": status, "code": code, "message": message}}, status)
-
-
-# --------------------------------------------------------------------------- request steps
-
-
-def parse_options(args: Mapping[str, str]) -> tuple[int, str]:
-    """Query string -> (top_k, invert), refusing values outside their range."""
-    top_k = 0
-    raw = args.get("top_k")
-    if raw is not None:
-        try:
-            top_k = int(raw)
-        except ValueError:
-            top_k = -1
-        if not 1 <= top_k <= NUM_CLASSES:
-            raise ServiceError(400, "invalid_parameter", f"top_k must be an integer from 1 to {NUM_CLASSES}")
-    invert = args.get("invert", "auto").lower()
-    if invert not in INVERT_MODES:
-        raise ServiceError(400, "invalid_parameter", f"invert must be one of {', '.join(INVERT_MODES)}")
-    return top_k, invert
-
-
-def read_images(max_batch: int) -> tuple[list[bytes], bool]:
-    """The request body -> (image bytes, whether the client sent a batch of form fields)."""
-    mimetype = request.mimetype
-    if mimetype == "multipart/form-data":
-        files = request.files.getlist("image")
-        if not files:
-            raise ServiceError(400, "missing_field", "the multipart form has no 'image' field")
-        if len(files) > max_batch:
-            raise ServiceError(
-                413, "too_many_images", f"{len(files)} images in one request; the limit is MAX_BATCH={max_batch}"
-            )
-        return [file.read() for file in files], len(files) > 1
-    if mimetype in RAW_IMAGE_TYPES:
-        return [request.get_data(cache=False)], False
-    if not mimetype:
-        raise ServiceError(415, "unsupported_media_type", "send an image body with an image/* Content-Type")
-    raise ServiceError(
-        415, "unsupported_media_type", f"Content-Type {mimetype!r} is not taken; send image/png, image/jpeg, ..."
-    )
-
-
-def to_inputs(blobs: list[bytes], invert: str, max_pixels: int) -> torch.Tensor:
-    """Image bytes -> the normalized [N, 1, 28, 28] batch, with the shared contract's preprocessing."""
-    canvases = []
-    for index, blob in enumerate(blobs):
-        where = f"image {index}: " if len(blobs) > 1 else ""
-        try:
-            image = decode_image(blob, max_pixels)
-        except ImageError as error:
-            raise ServiceError(error.status, error.code, f"{where}{error}") from None
-        try:
-            canvases.append(to_fashion_mnist(image, invert))
-        except Exception as error:  # a decodable image in a layout preprocessing cannot take
-            log.warning("preprocessing failed for a %s %s image: %r", image.format, image.mode, error)
-            raise ServiceError(400, "invalid_image", f"{where}the image cannot be converted to grayscale") from None
-    return canvases_to_input(canvases)
-
-
-def encode_prediction(probabilities: list[float], top_k: int) -> dict:
-    """One row of probabilities -> label, class id, confidence, all probabilities, optional top_k."""
-    class_id = max(range(NUM_CLASSES), key=probabilities.__getitem__)
-    answer = {
-        "label": CLASS_NAMES[class_id],
-        "class_id": class_id,
-        "confidence": probabilities[class_id],
-        "probabilities": dict(zip(CLASS_NAMES, probabilities, strict=True)),
-    }
-    if top_k:
-        order = sorted(range(NUM_CLASSES), key=probabilities.__getitem__, reverse=True)[:top_k]
-        answer["top_k"] = [{"label": CLASS_NAMES[i], "class_id": i, "probability": probabilities[i]} for i in order]
-    return answer
-
-
-# --------------------------------------------------------------------------- the app
+# W3C Trace Context: version-traceid-parentid-flags, lowercase hex; its trace id is logged.
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
@@ -171,18 +55,19 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     app.config["SETTINGS"] = settings
     runner = ModelRunner(settings.model_dir, settings.device, settings.reload_interval)
-    runner.maybe_reload()
-    warm_up_decoding(settings.max_image_pixels)
     app.extensions["model_runner"] = runner
 
+    # Metrics first, so their hooks time everything; then the routes of the other modules.
+    metrics.register(app)
+    v2_routes.register(app)
     register_request_hooks(app, settings)
     register_error_handlers(app)
     register_routes(app, settings, runner)
-    # /metrics and its request hooks, the v2 protocol, /openapi.json, /docs. Imported here: the v2
-    # protocol reuses this module's request steps (to_inputs, json_response, runner_of).
-    from service.interop import register_interop
 
-    register_interop(app)
+    runner.maybe_reload()
+    warm_up_decoding(settings.max_image_pixels)
+    # The document names the served model, so it is built once the model is loaded.
+    openapi.register(app)
     return app
 
 
@@ -196,22 +81,13 @@ def warm_up_decoding(max_pixels: int) -> None:
 def register_routes(app: Flask, settings: Settings, runner: ModelRunner) -> None:
     max_batch, max_pixels = settings.max_batch, settings.max_image_pixels
 
-    def serving_model():
-        """The verified model to answer with (a newer one if it just landed), or a 503 saying why not."""
-        runner.maybe_reload()
-        model = runner.current
-        if model is None:
-            raise ServiceError(503, "model_not_ready", runner.reason)
-        return model
-
     @app.post("/predict")
     def predict() -> Response:
         """Posted image(s) -> class probabilities and label(s)."""
-        model = serving_model()
+        model = runner.require()
         top_k, invert = parse_options(request.args)
         blobs, batch = read_images(max_batch)
-        # Through the metrics (service/metrics.py): inference time, batch size, classes, confidence.
-        rows = app.extensions["metrics"].predict(model, to_inputs(blobs, invert, max_pixels)).tolist()
+        rows = runner.predict(model, to_inputs(blobs, invert, max_pixels)).tolist()
         answers = [encode_prediction(row, top_k) for row in rows]
         model_info = {"name": model.card.get("name"), "version": model.version, "sha256": model.sha256}
         if batch:
@@ -229,13 +105,13 @@ def register_routes(app: Flask, settings: Settings, runner: ModelRunner) -> None
     @app.get("/readyz")
     def readyz() -> Response:
         """Readiness: a verified model is loaded and warmed up."""
-        model = serving_model()
+        model = runner.require()
         return json_response({"status": "ready", "model": {"name": model.card.get("name"), "version": model.version}})
 
     @app.get("/model")
     def model_card() -> Response:
         """The model card of the served model, plus where and how it runs."""
-        model = serving_model()
+        model = runner.require()
         return json_response(
             {
                 **model.card,
@@ -264,6 +140,11 @@ def register_request_hooks(app: Flask, settings: Settings) -> None:
         if not rid or len(rid) > 128 or not _REQUEST_ID_CHARS.issuperset(rid):
             rid = os.urandom(8).hex()
         g.request_id = rid
+        traceparent = request.headers.get("traceparent")
+        if traceparent:
+            match = _TRACEPARENT.fullmatch(traceparent.strip())
+            if match:
+                g.trace_id = match.group(1)
 
     @app.after_request
     def finish_request(response: Response) -> Response:
@@ -272,7 +153,6 @@ def register_request_hooks(app: Flask, settings: Settings) -> None:
         if log_requests:
             started = g.get("started")
             entry = {
-                "ts": round(time.time(), 3),
                 "request_id": rid,
                 "method": request.method,
                 "path": request.path,
@@ -282,7 +162,9 @@ def register_request_hooks(app: Flask, settings: Settings) -> None:
             }
             if "error_code" in g:
                 entry["error"] = g.error_code
-            access_log.info(entry)
+            if "trace_id" in g:
+                entry["trace_id"] = g.trace_id
+            access_log.info("request", extra=entry)
         return response
 
 
@@ -308,36 +190,10 @@ def register_error_handlers(app: Flask) -> None:
     def internal_error(error: Exception) -> Response:
         # The cause goes to the log (with the request id), never to the client.
         log.error(
-            "unhandled error in %s %s (request %s)", request.method, request.path, g.get("request_id"), exc_info=error
+            "unhandled error in %s %s",
+            request.method,
+            request.path,
+            extra={"request_id": g.get("request_id")},
+            exc_info=error,
         )
         return error_response(500, "internal_error", "the server failed to handle this request; it has been logged")
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: access entries as they are, other records as ts/level/logger/message."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        if isinstance(record.msg, dict):
-            return json.dumps(record.msg, separators=(",", ":"))
-        entry = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, separators=(",", ":"))
-
-
-def configure_logging() -> None:
-    """Send the service's logs to stderr as JSON lines (once per process)."""
-    logger = logging.getLogger("service")
-    if any(getattr(h, "_fashion_json", False) for h in logger.handlers):
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    handler._fashion_json = True
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False

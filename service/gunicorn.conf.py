@@ -3,14 +3,17 @@
 Everything comes from the environment (service.config), validated here in the master so a
 bad value stops the server with a clear message and exit status 2 before any worker starts.
 
-Start-up and memory: the master imports torch, numpy, Pillow and Flask once (about a second)
-and every worker is forked from it, so those pages are shared copy-on-write. The app itself
+Start-up and memory: the master imports torch, numpy, Pillow and Flask once and every worker
+is forked from it, so those pages are shared copy-on-write. The app itself
 (model load, warm-up, torch's thread setting) is built in each worker after the fork
 (preload_app off): torch's intra-op thread pool must never be started before a fork, and a
-worker replaced after max_requests then starts in tens of milliseconds.
+worker replaced after max_requests starts without importing anything again (the README's
+benchmark section has the measured start time).
 """
 
+import errno
 import os
+import socket
 import sys
 
 # torch.cuda.is_available() through NVML does not initialise CUDA in the master, which would
@@ -26,14 +29,40 @@ except ConfigError as _error:
     print(f"fashion-serve: configuration error: {_error}", file=sys.stderr, flush=True)
     sys.exit(EXIT_CONFIG_ERROR)
 
-import service.app  # noqa: F401  (imported in the master only to share its pages with the workers)
 
-# Prometheus multi-process mode (service/metrics.py). Each server start gets a fresh
-# metrics directory that the workers inherit (on_starting); a dead worker's live gauges are
-# dropped (child_exit); the directory is removed at exit (on_exit).
-from service.metrics import gunicorn_child_exit as child_exit  # noqa: F401
-from service.metrics import gunicorn_on_exit as on_exit  # noqa: F401
-from service.metrics import gunicorn_on_starting
+def _port_taken(host: str, port: int) -> bool:
+    """Whether another program listens on host:port (SO_REUSEADDR, as gunicorn binds: TIME_WAIT is no obstacle)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return error.errno == errno.EADDRINUSE
+    return False
+
+
+# gunicorn would retry a taken port for 5 s and then stop with "Can't connect"; say what to do instead.
+# Skipped when the listening socket is inherited (a gunicorn re-exec, systemd socket activation).
+if not (os.environ.get("GUNICORN_FD") or os.environ.get("LISTEN_FDS")) and _port_taken(_settings.host, _settings.port):
+    _other = _settings.port + 1
+    print(
+        f"fashion-serve: {_settings.host}:{_settings.port} is already in use by another program; "
+        f"serve on another port: `make serve PORT={_other}` (or PORT={_other} in the environment)",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.exit(EXIT_CONFIG_ERROR)
+
+# Prometheus multi-process mode (service/metrics.py): prometheus-client chooses file-backed
+# values when it is first imported, so the directory is set before the app (and the library)
+# is imported. Each server start gets a fresh one, which the workers inherit; a dead worker's
+# live gauges are dropped (child_exit); the directory is removed at exit (on_exit).
+from service.multiprocess import child_exit, on_exit, prepare_directory  # noqa: E402, F401
+
+_metrics_dir = prepare_directory()
+
+import service.app  # noqa: E402, F401  (imported in the master only to share its pages with the workers)
+from service.logs import ServiceGunicornLogger, logging_config  # noqa: E402
 
 bind = [f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else f"{_settings.host}:{_settings.port}"]
 workers = _settings.workers
@@ -53,13 +82,16 @@ control_socket_disable = True
 accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
+# gunicorn's own messages in the app's JSON format, on the same stream (service/logs.py).
+logconfig_dict = logging_config(loglevel)
+logger_class = ServiceGunicornLogger
 proc_name = "fashion-serve"
 # Worker heartbeat files on tmpfs: a slow or full disk must not make gunicorn kill healthy workers.
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
 def on_starting(server):
-    gunicorn_on_starting(server)  # a fresh PROMETHEUS_MULTIPROC_DIR before any worker forks
+    server.log.info("fashion-serve: Prometheus multi-process metrics in %s", _metrics_dir)
     server.log.info(
         "fashion-serve: model_dir=%s device=%s workers=%d torch_threads=%d max_batch=%d max_upload_bytes=%d",
         _settings.model_dir,

@@ -8,47 +8,31 @@ ones, so counters never go backwards).
 
 The design, and why:
 
-- The gunicorn config calls ``gunicorn_on_starting`` (master, once per server start): it
-  points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh temporary directory, which the workers
-  inherit when forked, and ``gunicorn_on_exit`` removes it. ``gunicorn_child_exit`` marks a
-  dead worker's live gauges dead (``multiprocess.mark_process_dead``).
-- prometheus-client picks in-process or file-backed values when it is first imported, and
-  the gunicorn master imports it (through service.app) before ``on_starting`` runs, so
-  ``Metrics()`` switches to file-backed values itself when the variable is set
-  (``_use_multiprocess_values``). Outside gunicorn (the Flask test client, ``flask run``)
-  the variable is unset and each app has its own in-process ``CollectorRegistry``, so
-  importing or creating the app anywhere works and two apps never share a registry.
+- The gunicorn config sets ``PROMETHEUS_MULTIPROC_DIR`` (``service.multiprocess``) before it
+  imports the app, as prometheus-client asks: the library picks file-backed values at import.
+  Outside gunicorn (the Flask test client, ``flask run``) the variable is unset and each app
+  has its own in-process ``CollectorRegistry``, so two apps never share a registry.
 - Gauges say how they merge across workers: ``fashion_model_info`` uses ``livemax`` (1 for
   every model version some live worker serves; a dead worker's old model drops out), the
   per-worker gauges use ``liveall`` (one series per live worker ``pid``).
-
-Hot path: a request costs one counter and one histogram update in ``after_request``, plus
-one gauge increment; a prediction (``Metrics.predict``, used by ``POST /predict`` and the v2
-infer route) adds its latency, batch size, class counts and confidences, batched per request
-(``observe_many``). Label children are cached and the process id is cached (``_ProcessId``),
-so a single-image request costs about 5 us in-process and 9 us in multi-process mode, some 2%
-of a /predict request's CPU time (``benchmarks/bench_v2.py`` measures it).
+- The model runner predicts; these metrics only observe (``observe_prediction`` is the
+  runner's ``observer``). Label children are bound once, not looked up per request.
 """
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import os
-import shutil
-import tempfile
 import time
 from typing import Any
 
 import numpy as np
+import torch
 from flask import Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from fashion.contract import CLASS_NAMES, NUM_CLASSES
-
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-# Set by gunicorn_on_starting, so on_exit removes only a directory this server created.
-_OWNED_ENV = "FASHION_METRICS_DIR_OWNED"
+from service.multiprocess import MULTIPROC_ENV
+from service.web import runner_of
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
@@ -56,100 +40,11 @@ CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0
 UNMATCHED = "<unmatched>"  # the endpoint label of requests no route matched (never the raw path)
 
 
-# --------------------------------------------------------------------------- gunicorn hooks
-
-
-def gunicorn_on_starting(server: Any = None) -> str:
-    """Master, before any worker: a fresh directory for the workers' metric files; returns it.
-
-    An operator's own PROMETHEUS_MULTIPROC_DIR is kept, but its old ``*.db`` files are removed:
-    values left by an earlier server would otherwise be added to this one's.
-    """
-    path = os.environ.get(MULTIPROC_ENV)
-    if path and os.environ.get(_OWNED_ENV) != path:
-        os.makedirs(path, exist_ok=True)
-        for stale in glob.glob(os.path.join(path, "*.db")):
-            with contextlib.suppress(OSError):
-                os.remove(stale)
-    else:
-        path = tempfile.mkdtemp(prefix="fashion-metrics-")
-        os.environ[_OWNED_ENV] = path
-    os.environ[MULTIPROC_ENV] = path
-    if server is not None:
-        server.log.info("fashion-serve: Prometheus multi-process metrics in %s", path)
-    return path
-
-
-def gunicorn_child_exit(server: Any, worker: Any) -> None:
-    """Master, after a worker exited: drop its live gauges (its counters stay in the sums)."""
-    if os.environ.get(MULTIPROC_ENV):
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(worker.pid)
-
-
-def gunicorn_on_exit(server: Any = None) -> None:
-    """Master, at shutdown: remove the metrics directory gunicorn_on_starting created."""
-    path = os.environ.get(_OWNED_ENV)
-    if path and path == os.environ.get(MULTIPROC_ENV):
-        shutil.rmtree(path, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-class _ProcessId:
-    """os.getpid(), remembered: file-backed values ask for it on every update to notice a fork,
-    and the system call costs about a microsecond here, a tenth of the metrics' cost per request.
-    The cache is refreshed in every forked child, so running processes still get distinct ids,
-    which is all prometheus-client's ``MultiProcessValue(process_identifier)`` asks for."""
-
-    def __init__(self) -> None:
-        self.pid = os.getpid()
-        os.register_at_fork(after_in_child=self.refresh)
-
-    def refresh(self) -> None:
-        self.pid = os.getpid()
-
-    def __call__(self) -> int:
-        return self.pid
-
-
-def _use_multiprocess_values() -> bool:
-    """Make new metrics file-backed when PROMETHEUS_MULTIPROC_DIR is set; return whether they are."""
-    from prometheus_client import values
-
-    wanted = bool(os.environ.get(MULTIPROC_ENV))
-    if wanted != getattr(values.ValueClass, "_multiprocess", False):
-        values.ValueClass = values.MultiProcessValue(_ProcessId()) if wanted else values.MutexValue
-    return wanted
-
-
-def observe_many(histogram: Any, samples: np.ndarray) -> None:
-    """Observe many values at once: one update per touched bucket instead of one per value.
-
-    Uses the histogram child's bucket and sum values (stable in prometheus-client for years);
-    if they are ever missing, falls back to one ``observe`` per value.
-    """
-    bounds = getattr(histogram, "_upper_bounds", None)
-    buckets = getattr(histogram, "_buckets", None)
-    total = getattr(histogram, "_sum", None)
-    if bounds is None or buckets is None or total is None:
-        for value in samples.tolist():
-            histogram.observe(value)
-        return
-    # Bucket i takes bounds[i-1] < v <= bounds[i], the same rule as Histogram.observe.
-    counts = np.bincount(np.searchsorted(np.asarray(bounds), samples, side="left"), minlength=len(bounds))
-    for index in np.flatnonzero(counts).tolist():
-        buckets[index].inc(int(counts[index]))
-    total.inc(float(samples.sum(dtype=np.float64)))
-
-
 class Metrics:
     """The service's metrics and the request hooks and predict wrapper that update them."""
 
     def __init__(self) -> None:
-        self.multiprocess = _use_multiprocess_values()
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
         self.requests = Counter(
@@ -224,29 +119,18 @@ class Metrics:
 
     # ------------------------------------------------------------------ inference
 
-    def predict(self, model: Any, batch: Any) -> Any:
-        """``model.predict(batch)``, timed, with batch size, predicted classes and confidences recorded."""
-        started = time.perf_counter()
-        probabilities = model.predict(batch)
-        self.inference_seconds.observe(time.perf_counter() - started)
-        self.observe_predictions(probabilities.numpy())
-        return probabilities
-
-    def observe_predictions(self, probabilities: np.ndarray) -> None:
-        """Record a batch of [N, 10] probabilities: its size, each row's argmax and its confidence."""
-        count = len(probabilities)
+    def observe_prediction(self, probabilities: torch.Tensor, seconds: float) -> None:
+        """Record one forward pass: its time, batch size, each row's argmax and that row's confidence."""
+        self.inference_seconds.observe(seconds)
+        rows = probabilities.numpy()
+        count = len(rows)
         self.batch_size.observe(count)
-        if count == 1:
-            row = probabilities[0]
-            class_id = int(row.argmax())
-            self._class_counters[class_id].inc()
-            self.confidence.observe(float(row[class_id]))
-            return
-        class_ids = probabilities.argmax(axis=1)
+        class_ids = rows.argmax(axis=1)
         per_class = np.bincount(class_ids, minlength=NUM_CLASSES)
         for class_id in np.flatnonzero(per_class).tolist():
             self._class_counters[class_id].inc(int(per_class[class_id]))
-        observe_many(self.confidence, probabilities[np.arange(count), class_ids])
+        for confidence in rows[np.arange(count), class_ids].tolist():
+            self.confidence.observe(confidence)
 
     # ------------------------------------------------------------------ model
 
@@ -298,16 +182,12 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def metrics_of(app: Flask) -> Metrics:
-    """The Metrics object of ``app`` (created by ``register``)."""
-    return app.extensions["metrics"]
-
-
 def register(app: Flask) -> Metrics:
     """Create the app's metrics, the hooks that update them and ``GET /metrics``."""
     metrics = Metrics()
     app.extensions["metrics"] = metrics
-    runner = app.extensions.get("model_runner")
+    runner = runner_of(app)
+    runner.observer = metrics.observe_prediction
     perf_counter = time.perf_counter
 
     @app.before_request
@@ -324,15 +204,13 @@ def register(app: Flask) -> Metrics:
             response.status_code,
             perf_counter() - started if started is not None else 0.0,
         )
-        if runner is not None:
-            metrics.observe_model(runner.current)
+        metrics.observe_model(runner.current)
         return response
 
     @app.get("/metrics")
     def metrics_endpoint() -> Response:
         """Prometheus text exposition of the service's metrics, summed over all workers."""
-        if runner is not None:
-            metrics.observe_model(runner.current)
+        metrics.observe_model(runner.current)
         # The classic text format (0.0.4): every Prometheus version and most scrapers read it.
         return Response(metrics.exposition(), content_type=CONTENT_TYPE_PLAIN_0_0_4)
 

@@ -1,7 +1,7 @@
 """The served model: loaded verified, warmed up, swapped atomically when a new one is committed.
 
 Each Flask app owns one ``ModelRunner``, reachable as ``app.extensions["model_runner"]``
-(``service.app.runner_of(app)``); there is no module-level model. Under gunicorn every worker
+(``service.web.runner_of(app)``); there is no module-level model. Under gunicorn every worker
 builds its own app after the fork, so each worker loads and warms up its own copy (a few
 MB) while torch's code pages, imported by the master, stay shared.
 
@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,8 +28,9 @@ from torch import nn
 
 from fashion.checkpoint import CARD_FILE, WEIGHTS_FILE, CheckpointError, load_checkpoint
 from fashion.contract import INPUT_SHAPE, NUM_CLASSES
+from service.web import ServiceError
 
-log = logging.getLogger("service.model")
+log = logging.getLogger(__name__)
 
 
 def _files_signature(model_dir: Path) -> tuple | None:
@@ -87,37 +89,31 @@ class ModelRunner:
         self.reason = "the model has not been loaded yet"
         self._failed_signature: tuple | None = None
         self._next_check = 0.0
-        # Only one thread (gthread workers) loads at a time; the others keep serving.
+        # Called with (probabilities, seconds) after every prediction; service.metrics sets it.
+        self.observer: Callable[[torch.Tensor, float], None] | None = None
+        # Under a threaded server (``flask run``, the test client in threads) only one thread loads;
+        # the others keep serving the current model.
         self._reload_lock = threading.Lock()
 
-    # ------------------------------------------------------------------ state
+    # ------------------------------------------------------------------ serving
 
-    @property
-    def ready(self) -> bool:
-        return self.current is not None
-
-    @property
-    def card(self) -> dict:
-        return self.current.card if self.current else {}
-
-    @property
-    def sha256(self) -> str | None:
-        return self.current.sha256 if self.current else None
-
-    @property
-    def version(self) -> str | None:
-        return self.current.version if self.current else None
-
-    @property
-    def name(self) -> str | None:
-        return self.current.card.get("name") if self.current else None
-
-    def predict(self, batch: torch.Tensor) -> torch.Tensor:
-        """[N, 1, 28, 28] -> [N, 10] softmax probabilities from the current model."""
+    def require(self) -> LoadedModel:
+        """The verified model to answer with (a newer one if it just landed), or a 503 saying why not."""
+        self.maybe_reload()
         current = self.current
         if current is None:
-            raise RuntimeError(f"the model is not ready: {self.reason}")
-        return current.predict(batch)
+            raise ServiceError(503, "model_not_ready", self.reason)
+        return current
+
+    def predict(self, model: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
+        """``model``'s [N, 10] probabilities for ``batch``, reported to ``observer`` (the metrics) with
+        the seconds the forward pass took. ``model`` is the one ``require`` gave the request, so a
+        swap in between cannot answer with one model and label the answer with another."""
+        started = time.perf_counter()
+        probabilities = model.predict(batch)
+        if self.observer is not None:
+            self.observer(probabilities, time.perf_counter() - started)
+        return probabilities
 
     # ------------------------------------------------------------------ loading
 
@@ -139,10 +135,10 @@ class ModelRunner:
             if self.current is None:
                 self.reason = f"cannot serve the model in {self.model_dir}: {error}"
             log.warning(
-                "model not loaded from %s: %s%s",
+                "model not loaded from %s: %s",
                 self.model_dir,
                 error,
-                " (still serving the previous model)" if self.current else "",
+                extra={"still_serving": self.current.version if self.current else None},
             )
             return False
         previous = self.current
@@ -150,11 +146,11 @@ class ModelRunner:
         self._failed_signature = None
         self.reason = ""
         log.info(
-            "serving model %s version %s on %s (previous: %s)",
+            "serving model %s version %s on %s",
             loaded.card.get("name"),
             loaded.version,
             self.device,
-            previous.version if previous else "none",
+            extra={"model_version": loaded.version, "previous_version": previous.version if previous else None},
         )
         return True
 

@@ -23,19 +23,10 @@ from PIL import Image
 from fashion.checkpoint import MODEL_NAME
 from fashion.contract import CLASS_NAMES, INPUT_HEIGHT, INPUT_SHAPE, INPUT_WIDTH, INVERT_MODES, MEAN, NUM_CLASSES, STD
 from service import v2
+from service.web import DOCUMENTED_IMAGE_TYPES, runner_of
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 SWAGGER_ASSETS = frozenset({"swagger-ui.css", "swagger-ui-bundle.js", "favicon-32x32.png", "favicon-16x16.png"})
-# The raw-body types POST /predict takes (service.app.RAW_IMAGE_TYPES), less the aliases (image/jpg, ...).
-IMAGE_TYPES = (
-    "image/png",
-    "image/jpeg",
-    "image/webp",
-    "image/gif",
-    "image/bmp",
-    "image/tiff",
-    "application/octet-stream",
-)
 
 
 def _ref(name: str) -> dict:
@@ -479,7 +470,7 @@ def _service_paths() -> dict[str, Any]:
                 "requestBody": {
                     "required": True,
                     "content": {
-                        **{media: {"schema": image_body} for media in IMAGE_TYPES},
+                        **{media: {"schema": image_body} for media in DOCUMENTED_IMAGE_TYPES},
                         "multipart/form-data": {
                             "schema": {
                                 "type": "object",
@@ -675,7 +666,7 @@ def build_spec(server_version: str, model_name: str = MODEL_NAME, model_version:
 
 def register(app: Flask) -> None:
     """Add ``GET /openapi.json``, ``GET /docs`` and the locally served Swagger UI assets."""
-    model = app.extensions["model_runner"].current
+    model = runner_of(app).current
     name = model.card.get("name", MODEL_NAME) if model else MODEL_NAME
     spec = build_spec(v2.package_version(), name, model.version if model else None)
     document = json.dumps(spec, separators=(",", ":"))

@@ -37,11 +37,22 @@ def test_set(data_root) -> FastFashionMNIST:
 
 
 # --------------------------------------------------------------------------- serving fixtures
-# (tests/serverutil.py starts the real gunicorn; these fixtures stop what they start.)
+# (testing/server.py starts the real gunicorn; these fixtures stop what they start.)
 
-from tests.serverutil import ServerHandle, start_server  # noqa: E402
+from testing.server import ServerHandle, start_server  # noqa: E402
 
 BUNDLED_MODEL_DIR = REPO_ROOT / "models"
+
+
+# Fixtures that start a real gunicorn; a test using one (directly or through another fixture) is
+# marked "server", so `pytest -m "not server"` (make test-fast) runs the in-process tests only.
+SERVER_FIXTURES = frozenset({"start_gunicorn", "bundled_server", "limited_server", "server"})
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +65,7 @@ def bundled_model_dir() -> Path:
 
 @pytest.fixture
 def start_gunicorn(tmp_path):
-    """A function starting a real gunicorn (see serverutil.start_server); all are stopped afterwards."""
+    """A function starting a real gunicorn (see testing.server.start_server); all are stopped afterwards."""
     started: list[ServerHandle] = []
 
     def start(model_dir, env=None, workers=1, **kwargs) -> ServerHandle:

@@ -77,7 +77,7 @@ def test_upload_shows_label_and_probability_bars(bundled_server, test_set, tmp_p
 def test_page_and_assets_are_served_by_the_app(bundled_server):
     page = requests.get(bundled_server.url + "/", timeout=10)
     assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
-    for asset in ("/static/app.js", "/static/style.css"):
+    for asset in ("/static/app.js", "/static/style.css", "/static/favicon.svg"):
         assert asset in page.text
         assert requests.get(bundled_server.url + asset, timeout=10).status_code == 200
     assert "http://" not in page.text and "https://" not in page.text

@@ -1,6 +1,6 @@
 """The request cost budget in the service itself, without any proxy in front (make serve, Kubernetes).
 
-The real gunicorn (tests/serverutil.py) with its sync workers: a request whose images would decode to
+The real gunicorn (testing/server.py) with its sync workers: a request whose images would decode to
 more than MAX_REQUEST_PIXELS is refused from the headers, a JPEG counts at its draft scale, a request
 that runs past REQUEST_DEADLINE is answered 503 by the worker itself, and no refusal is HTML.
 """
@@ -25,7 +25,7 @@ from fashion.images import (
     decode_image,
     decode_images,
 )
-from tests.attacks import bomb_request, multipart, probe, small_png
+from testing.attacks import bomb_request, multipart, probe, small_png
 
 
 def _png(size: tuple[int, int], value: int = 0) -> bytes:

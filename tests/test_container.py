@@ -1,6 +1,6 @@
 """The containers for real: build the images, `docker compose up`, predict, retrain, check the hardening.
 
-The stack (tests/containerutil.py) is the README's `docker compose up`: the api behind the proxy, which
+The stack (testing/containers.py) is the README's `docker compose up`: the api behind the proxy, which
 is published on a free loopback port. The front door's own behaviour is tested in test_proxy.py.
 """
 
@@ -19,7 +19,7 @@ from PIL import Image
 
 from fashion.checkpoint import load_checkpoint, read_card
 from fashion.contract import CLASS_NAMES, pixels_to_input
-from tests.containerutil import (
+from testing.containers import (
     BUILD_TIMEOUT_S,
     IMAGE_USER_ID,
     PROJECT,
@@ -27,7 +27,7 @@ from tests.containerutil import (
     pyproject_version,
     running_stack,
 )
-from tests.containerutil import docker as _docker
+from testing.containers import docker as _docker
 
 SAMPLES = 16  # real test images posted to the containerised service
 

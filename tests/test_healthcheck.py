@@ -7,7 +7,7 @@ import http.server
 import threading
 
 from service import healthcheck
-from tests.serverutil import free_port
+from testing.server import free_port
 
 
 @contextlib.contextmanager

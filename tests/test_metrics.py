@@ -1,4 +1,4 @@
-"""Prometheus metrics: the bulk histogram update, the gunicorn hooks, and exact counts across two workers."""
+"""Prometheus metrics: per-prediction observations, the gunicorn hooks, and exact counts across two workers."""
 
 from __future__ import annotations
 
@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 import requests
 import torch
-from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from fashion.checkpoint import MODEL_NAME, load_checkpoint
 from fashion.contract import CLASS_NAMES, NUM_CLASSES
 from service import metrics as service_metrics
-from tests.interophelpers import png_bytes, random_model_dir
-from tests.serverutil import start_server
+from service import multiprocess
+from testing.images import png
+from testing.models import random_model_dir
+from testing.server import start_server
 
 
 def samples(text: str) -> list:
@@ -36,27 +37,7 @@ def value(text: str, name: str, **labels) -> float:
 
 @pytest.fixture
 def in_process(monkeypatch):
-    monkeypatch.delenv(service_metrics.MULTIPROC_ENV, raising=False)
-
-
-def test_observe_many_equals_one_observe_per_value(in_process):
-    bounds = service_metrics.CONFIDENCE_BUCKETS
-    # Values on the bucket bounds, between them, at 0 and above the last finite bound.
-    values = np.array([0.0, 0.1, 0.1000001, 0.5, 0.95, 0.97, 0.999, 1.0, 0.35, 0.35, 2.0], dtype=np.float32)
-    one, many = CollectorRegistry(), CollectorRegistry()
-    by_one = Histogram("h", "h", buckets=bounds, registry=one)
-    by_many = Histogram("h", "h", buckets=bounds, registry=many)
-    for v in values.tolist():
-        by_one.observe(v)
-    service_metrics.observe_many(by_many, values)
-    expected = {
-        (s.name, s.labels.get("le")): s.value for s in next(iter(one.collect())).samples if s.name != "h_created"
-    }
-    actual = {
-        (s.name, s.labels.get("le")): s.value for s in next(iter(many.collect())).samples if s.name != "h_created"
-    }
-    assert actual == pytest.approx(expected)
-    assert actual[("h_count", None)] == len(values)
+    monkeypatch.delenv(multiprocess.MULTIPROC_ENV, raising=False)
 
 
 def test_predictions_are_counted_by_class_with_their_confidence(in_process):
@@ -64,8 +45,8 @@ def test_predictions_are_counted_by_class_with_their_confidence(in_process):
     probabilities = np.full((5, NUM_CLASSES), 0.01, dtype=np.float32)
     for row, (class_id, confidence) in enumerate([(9, 0.91), (9, 0.55), (0, 0.91), (3, 0.3), (9, 0.99)]):
         probabilities[row, class_id] = confidence
-    metrics.observe_predictions(probabilities)
-    metrics.observe_predictions(probabilities[:1])
+    metrics.observe_prediction(torch.from_numpy(probabilities), 0.002)
+    metrics.observe_prediction(torch.from_numpy(probabilities[:1]), 0.0001)
     text = metrics.exposition().decode()
     assert value(text, "fashion_predictions_total", label="Ankle boot", class_id="9") == 4
     assert value(text, "fashion_predictions_total", label="T-shirt/top") == 1
@@ -76,26 +57,29 @@ def test_predictions_are_counted_by_class_with_their_confidence(in_process):
     assert value(text, "fashion_prediction_confidence_sum") == pytest.approx(0.91 * 3 + 0.55 + 0.3 + 0.99, abs=1e-5)
     assert value(text, "fashion_inference_batch_size_sum") == 6
     assert value(text, "fashion_inference_batch_size_count") == 2
+    assert value(text, "fashion_inference_duration_seconds_count") == 2
+    assert value(text, "fashion_inference_duration_seconds_bucket", le="0.001") == 1
 
 
 def test_gunicorn_hooks_make_and_remove_a_fresh_directory(monkeypatch, tmp_path):
     # setenv first, so monkeypatch restores both variables after the hooks wrote them directly.
-    for name in (service_metrics.MULTIPROC_ENV, "FASHION_METRICS_DIR_OWNED"):
+    for name in (multiprocess.MULTIPROC_ENV, multiprocess.OWNED_ENV):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
-    path = service_metrics.gunicorn_on_starting()
-    assert os.environ[service_metrics.MULTIPROC_ENV] == path and os.path.isdir(path)
-    service_metrics.gunicorn_on_exit()
+    path = multiprocess.prepare_directory()
+    assert os.environ[multiprocess.MULTIPROC_ENV] == path and os.path.isdir(path)
+    assert multiprocess.prepare_directory() == path  # gunicorn re-reads its config on SIGHUP
+    multiprocess.on_exit()
     assert not os.path.exists(path)
     # An operator's own directory is kept, emptied of old values, and never removed.
     own = tmp_path / "prom"
     own.mkdir()
     (own / "counter_123.db").write_bytes(b"old")
     (own / "notes.txt").write_text("keep")
-    monkeypatch.setenv(service_metrics.MULTIPROC_ENV, str(own))
-    assert service_metrics.gunicorn_on_starting() == str(own)
+    monkeypatch.setenv(multiprocess.MULTIPROC_ENV, str(own))
+    assert multiprocess.prepare_directory() == str(own)
     assert sorted(p.name for p in own.iterdir()) == ["notes.txt"]
-    service_metrics.gunicorn_on_exit()
+    multiprocess.on_exit()
     assert own.is_dir()
 
 
@@ -134,7 +118,7 @@ def worker_series(text: str) -> dict[str, float]:
 
 def test_counts_add_up_across_two_workers(server, model_dir, test_set):
     pixels = test_set.data[:3].numpy()
-    pngs = [png_bytes(p) for p in pixels]
+    pngs = [png(p) for p in pixels]
     v2_body = {
         "inputs": [
             {

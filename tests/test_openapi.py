@@ -11,9 +11,10 @@ import pytest
 import requests
 import schemathesis
 
-from service.app import RAW_IMAGE_TYPES, create_app
-from tests.interophelpers import random_model_dir
-from tests.serverutil import PROJECT_ROOT, start_server
+from service.app import create_app
+from service.web import RAW_IMAGE_TYPES
+from testing.models import random_model_dir
+from testing.server import PROJECT_ROOT, start_server
 
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
 IGNORED_METHODS = {"HEAD", "OPTIONS"}  # added to every route by Flask itself

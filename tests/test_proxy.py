@@ -1,6 +1,6 @@
 """The front door for real: `docker compose up` with two api replicas behind the proxy, under attack.
 
-Hostile clients (tests/attacks.py) on loopback, every loop bounded in count and time: slow headers
+Hostile clients (testing/attacks.py) on loopback, every loop bounded in count and time: slow headers
 and slow bodies (more of them than there are sync workers), the 64-image decompression bomb, a 20 MB
 body, 500 connections from one address; then replicas stopped, added and restarted under load.
 Latencies are printed, not asserted to the millisecond; a hung service would miss the generous bounds.
@@ -19,8 +19,8 @@ from collections import Counter
 import pytest
 import requests
 
-from tests.attacks import SlowClients, bomb_request, hold_connections, probe, small_png
-from tests.containerutil import docker, needs_engine, running_stack
+from testing.attacks import SlowClients, bomb_request, hold_connections, probe, small_png
+from testing.containers import docker, needs_engine, running_stack
 
 REPLICAS = 2
 WORKERS = 2  # per replica: 4 sync workers in all

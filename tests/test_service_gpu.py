@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import requests
 import torch
-from PIL import Image
 
 from fashion.contract import CLASS_NAMES
+from testing.images import png
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,9 +22,7 @@ def test_cuda_server_matches_cpu_server(start_gunicorn, bundled_model_dir, test_
     assert requests.get(gpu.url + "/readyz", timeout=10).status_code == 200
     files = []
     for i in range(0, 10_000, 100):
-        buffer = io.BytesIO()
-        Image.fromarray(test_set.data[i].numpy()).save(buffer, "PNG")
-        files.append(("image", (f"{i}.png", buffer.getvalue(), "image/png")))
+        files.append(("image", (f"{i}.png", png(test_set.data[i].numpy()), "image/png")))
     for start in range(0, len(files), 50):
         batch = files[start : start + 50]
         on_cpu = requests.post(cpu.url + "/predict", files=batch, timeout=60).json()["predictions"]

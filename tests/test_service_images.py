@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from fashion.contract import CLASS_NAMES
-from tests.realimages import ENCODINGS, product_photo
+from testing.realimages import ENCODINGS, product_photo
 
 SAMPLE = range(0, 10_000, 50)  # 200 images, 20 per class on average
 BATCH = 50

@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from fashion.contract import FEATURE_TRANSFORM, INPUT_TABLE, pixels_to_input
-from service.app import to_inputs
 from service.config import DEFAULT_MODEL_DIR, PROJECT_ROOT, ConfigError, Settings, usable_cpus
+from service.web import to_inputs
+from testing.images import png
 
 
 def test_served_inputs_are_bit_identical_to_the_training_transform(test_set):
     """A 28x28 PNG through the service's decode + lookup equals FEATURE_TRANSFORM exactly."""
     pixels = test_set.data.numpy()[:1000]
-    blobs = []
-    for array in pixels:
-        buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, "PNG")
-        blobs.append(buffer.getvalue())
+    blobs = [png(array) for array in pixels]
     served = to_inputs(blobs, "auto", 10**6)
     expected = torch.stack([FEATURE_TRANSFORM(Image.fromarray(array)) for array in pixels])
     assert served.dtype == torch.float32 and served.shape == (1000, 1, 28, 28)

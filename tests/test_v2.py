@@ -22,11 +22,12 @@ from tritonclient.utils import InferenceServerException
 from fashion.checkpoint import MODEL_NAME
 from fashion.contract import CLASS_NAMES, INPUT_SHAPE, NUM_CLASSES
 from service import v2
-from tests.interophelpers import known_answer_model_dir, known_probabilities, png_bytes, random_model_dir
-from tests.serverutil import start_server
+from testing.images import png
+from testing.models import known_answer_model_dir, known_probabilities, random_model_dir
+from testing.server import start_server
 
 MAX_BATCH = 16
-B64_PNG = base64.b64encode(png_bytes(np.zeros((28, 28), np.uint8))).decode()
+B64_PNG = base64.b64encode(png(np.zeros((28, 28), np.uint8))).decode()
 
 
 def request_body(document: dict, *chunks: bytes) -> tuple[bytes, str | None]:
@@ -241,7 +242,7 @@ def client(server):
 def images(test_set):
     """Eight real test images: their uint8 pixels, PNG bytes and the normalized inputs."""
     pixels = test_set.data[:8].numpy()
-    return {"pixels": pixels, "png": [png_bytes(p) for p in pixels], "inputs": test_set.inputs[:8].numpy()}
+    return {"pixels": pixels, "png": [png(p) for p in pixels], "inputs": test_set.inputs[:8].numpy()}
 
 
 def predict_probabilities(server, png: bytes) -> np.ndarray:

@@ -34,6 +34,20 @@ function showAnswer(answer) {
   $("result").hidden = false;
 }
 
+// The service's own sentence for people (its error body's "message"), never a status code or error code.
+async function refusal(response) {
+  try {
+    const message = (await response.json()).error.message;
+    if (message) {
+      const sentence = message.charAt(0).toUpperCase() + message.slice(1);
+      return /[.!?]$/.test(sentence) ? sentence : `${sentence}.`;
+    }
+  } catch (_) {
+    // not the service's JSON error (a proxy's page, say): fall through to a plain sentence
+  }
+  return "The service could not classify this image. Please try again or choose another image.";
+}
+
 async function classify() {
   if (!current) return;
   const type = current.type || "application/octet-stream";
@@ -41,9 +55,8 @@ async function classify() {
     const response = await fetch(`/predict?invert=${$("invert").value}`, {
       method: "POST", headers: { "Content-Type": type }, body: current,
     });
-    const body = await response.json();
-    if (!response.ok) showError(body.error ? body.error.message : `HTTP ${response.status}`);
-    else showAnswer(body);
+    if (response.ok) showAnswer(await response.json());
+    else showError(await refusal(response));
   } catch (error) {
     showError(`The service did not answer: ${error.message}`);
   }

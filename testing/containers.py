@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.serverutil import free_port
+from testing.server import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PROJECT = os.environ.get("COMPOSE_TEST_PROJECT", "fashion-mnist-test")

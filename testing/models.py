@@ -1,13 +1,11 @@
-"""Shared by the interop tests (v2 protocol, metrics, OpenAPI): small models and image bytes."""
+"""Small models with known weights, saved as real checkpoints, for tests and benchmarks."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from fashion.checkpoint import save_checkpoint
 from fashion.contract import NUM_CLASSES, ModelConfig, build_model
@@ -43,10 +41,3 @@ def known_answer_model_dir(path: Path) -> Path:
 def known_probabilities() -> np.ndarray:
     """softmax([0, 1, ..., 9]) in float32, computed the way torch does."""
     return torch.softmax(torch.arange(NUM_CLASSES, dtype=torch.float32), dim=0).numpy()
-
-
-def png_bytes(pixels: np.ndarray) -> bytes:
-    """uint8 [28, 28] -> PNG file bytes."""
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(pixels, dtype=np.uint8), mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()

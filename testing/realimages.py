@@ -9,11 +9,12 @@ client would post. Used by tests/test_service_images.py and benchmarks/real_imag
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
+
+from testing.images import encode
 
 # (R, G, B) tints for the garment, chosen by index so every encoding sees a mix of colours.
 _TINTS = ((40, 40, 40), (20, 40, 110), (110, 30, 30), (30, 80, 40), (90, 70, 40))
@@ -68,15 +69,9 @@ def light_on_dark_large(pixels: np.ndarray, size: int = 140) -> Image.Image:
     return canvas
 
 
-def _save(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
 def _sixteen_bit(pixels: np.ndarray) -> bytes:
     gray = np.asarray(product_photo(pixels).convert("L"), dtype=np.uint16) * 257
-    return _save(Image.fromarray(gray), "PNG")
+    return encode(Image.fromarray(gray), "PNG")
 
 
 def _exif_rotated(pixels: np.ndarray) -> bytes:
@@ -85,28 +80,28 @@ def _exif_rotated(pixels: np.ndarray) -> bytes:
     stored = photo.transpose(Image.Transpose.ROTATE_90)  # counter-clockwise; the viewer turns it back
     exif = Image.Exif()
     exif[0x0112] = 6
-    return _save(stored, "JPEG", quality=90, exif=exif.tobytes())
+    return encode(stored, "JPEG", quality=90, exif=exif.tobytes())
 
 
 def _gif_animated(pixels: np.ndarray) -> bytes:
     """Two frames; only the first is the garment (the service takes the first frame)."""
     first = product_photo(pixels).convert("P", palette=Image.Palette.ADAPTIVE)
     second = Image.new("P", first.size, 0)
-    return _save(first, "GIF", save_all=True, append_images=[second], duration=100)
+    return encode(first, "GIF", save_all=True, append_images=[second], duration=100)
 
 
 ENCODINGS: dict[str, Callable[[np.ndarray], bytes]] = {
-    "plain PNG 28x28": lambda p: _save(plain(p), "PNG"),
-    "product photo PNG (RGB)": lambda p: _save(product_photo(p), "PNG"),
-    "light-on-dark large PNG": lambda p: _save(light_on_dark_large(p), "PNG"),
-    "JPEG q85": lambda p: _save(product_photo(p), "JPEG", quality=85),
-    "RGBA cut-out PNG": lambda p: _save(cutout(p), "PNG"),
-    "palette PNG": lambda p: _save(product_photo(p).convert("P", palette=Image.Palette.ADAPTIVE), "PNG"),
+    "plain PNG 28x28": lambda p: encode(plain(p), "PNG"),
+    "product photo PNG (RGB)": lambda p: encode(product_photo(p), "PNG"),
+    "light-on-dark large PNG": lambda p: encode(light_on_dark_large(p), "PNG"),
+    "JPEG q85": lambda p: encode(product_photo(p), "JPEG", quality=85),
+    "RGBA cut-out PNG": lambda p: encode(cutout(p), "PNG"),
+    "palette PNG": lambda p: encode(product_photo(p).convert("P", palette=Image.Palette.ADAPTIVE), "PNG"),
     "16-bit grayscale PNG": _sixteen_bit,
-    "CMYK JPEG": lambda p: _save(product_photo(p).convert("CMYK"), "JPEG", quality=90),
-    "WebP (lossy)": lambda p: _save(product_photo(p), "WEBP", quality=80),
+    "CMYK JPEG": lambda p: encode(product_photo(p).convert("CMYK"), "JPEG", quality=90),
+    "WebP (lossy)": lambda p: encode(product_photo(p), "WEBP", quality=80),
     "GIF (animated, first frame)": _gif_animated,
-    "BMP": lambda p: _save(product_photo(p), "BMP"),
+    "BMP": lambda p: encode(product_photo(p), "BMP"),
     "EXIF-rotated JPEG": _exif_rotated,
-    "TIFF": lambda p: _save(product_photo(p), "TIFF"),
+    "TIFF": lambda p: encode(product_photo(p), "TIFF"),
 }
