@@ -8,6 +8,8 @@ that runs past REQUEST_DEADLINE is answered 503 by the worker itself, and no ref
 from __future__ import annotations
 
 import io
+import json
+import socket
 import threading
 import time
 
@@ -157,3 +159,30 @@ def test_a_request_past_its_deadline_is_answered_503_by_the_worker(start_gunicor
     assert _error(response)["code"] == "deadline_exceeded"
     assert server.worker_pids() == pid
     assert requests.get(f"{server.url}/readyz", timeout=10).status_code == 200
+
+
+def test_gunicorn_own_answers_are_json_too(start_gunicorn, bundled_model_dir):
+    """What gunicorn answers by itself: an unparsable request, and a worker killed at TIMEOUT."""
+    server = start_gunicorn(bundled_model_dir, env={"TIMEOUT": "2", "REQUEST_DEADLINE": "1"}, workers=1)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"NOT AN HTTP REQUEST\r\n\r\n")
+        head, _, body = _read_all(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head
+    assert json.loads(body)["error"]["code"] == "bad_request"
+    # A body that never arrives holds the sync worker until gunicorn kills it (the proxy exists for this).
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100\r\n\r\n1")
+        head, _, body = _read_all(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 500") and b"application/json" in head, head
+    assert json.loads(body)["error"] == {
+        "status": 500,
+        "code": "internal_error",
+        "message": "the server failed to handle this request; it has been logged",
+    }
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
