@@ -1,5 +1,6 @@
-# Fashion-MNIST classifier images, three targets:
+# Fashion-MNIST classifier images, four targets:
 #   serve (default)  the prediction API: gunicorn + Flask on port 8000, with the bundled model
+#   api              the same without a model (Kubernetes/KServe mount one at MODEL_DIR)
 #   train            `python -m training ...`, with the real Fashion-MNIST from Debian (works offline)
 #   proxy            the front door (HAProxy from Debian) that docker-compose.yml puts before the api
 #
@@ -113,34 +114,6 @@ RUN pip install --no-deps --no-index /tmp/wheels/*.whl && rm -rf /tmp/wheels
 USER app
 
 
-# ---- serve (default target): the prediction API ----
-FROM runtime AS serve
-# Bind all interfaces inside the container; publishing the port decides who can reach it.
-ENV HOST=0.0.0.0 \
-    PORT=8000 \
-    MODEL_DIR=/app/models \
-    PYTHONDONTWRITEBYTECODE=1
-EXPOSE 8000
-# Standard library only (no curl in the image). Importing the `service` package loads neither Flask
-# nor torch (create_app is imported lazily), so the check costs milliseconds.
-HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-m", "service.healthcheck"]
-ENTRYPOINT ["gunicorn", "-c", "/app/gunicorn.conf.py", "service:create_app()"]
-ARG REVISION=unknown
-LABEL org.opencontainers.image.title="fashion-mnist-serve" \
-      org.opencontainers.image.description="Fashion-MNIST classifier API: POST an image to /predict, get softmax probabilities" \
-      org.opencontainers.image.revision="${REVISION}"
-# The bundled model; compose mounts ./models over it, read-only.
-COPY models/ models/
-# The project, installed (byte-compiled by pip while the filesystem is still writable); gunicorn's
-# config is linked where the entry point names it.
-COPY --from=wheel /wheels/ /tmp/wheels/
-RUN pip install --no-deps --no-index /tmp/wheels/*.whl && rm -rf /tmp/wheels \
-    && ln -s "$(python -c 'import pathlib, service; print(pathlib.Path(service.__file__).with_name("gunicorn.conf.py"))')" \
-        /app/gunicorn.conf.py
-USER app
-
-
 # ---- proxy: the front door (docker-compose.yml), HAProxy from Debian on the same base image ----
 # Why HAProxy and what it does: proxy/haproxy.cfg and the README's "Containers".
 FROM base AS proxy
@@ -166,3 +139,35 @@ LABEL org.opencontainers.image.title="fashion-mnist-proxy" \
 COPY service/healthcheck.py /etc/fashion-proxy/healthcheck.py
 COPY proxy/ /etc/fashion-proxy/
 USER app
+
+
+# ---- api: the prediction API without a model (Kubernetes/KServe mount one at MODEL_DIR) ----
+FROM runtime AS api
+# Bind all interfaces inside the container; publishing the port decides who can reach it.
+ENV HOST=0.0.0.0 \
+    PORT=8000 \
+    MODEL_DIR=/app/models \
+    PYTHONDONTWRITEBYTECODE=1
+EXPOSE 8000
+# Standard library only (no curl in the image). Importing the `service` package loads neither Flask
+# nor torch (create_app is imported lazily), so the check costs milliseconds.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-m", "service.healthcheck"]
+ENTRYPOINT ["gunicorn", "-c", "/app/gunicorn.conf.py", "service:create_app()"]
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="fashion-mnist-serve" \
+      org.opencontainers.image.description="Fashion-MNIST classifier API: POST an image to /predict, get softmax probabilities" \
+      org.opencontainers.image.revision="${REVISION}"
+# The project, installed (byte-compiled by pip while the filesystem is still writable); gunicorn's
+# config is linked where the entry point names it.
+COPY --from=wheel /wheels/ /tmp/wheels/
+RUN pip install --no-deps --no-index /tmp/wheels/*.whl && rm -rf /tmp/wheels \
+    && ln -s "$(python -c 'import pathlib, service; print(pathlib.Path(service.__file__).with_name("gunicorn.conf.py"))')" \
+        /app/gunicorn.conf.py
+USER app
+
+
+# ---- serve (default target: the last stage): api plus the bundled model, for compose and `docker run` ----
+FROM api AS serve
+# The bundled model; compose mounts ./models over it, read-only.
+COPY models/ models/

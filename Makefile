@@ -7,7 +7,12 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 export PYTHON
 
-.PHONY: install install-test serve train test test-fast lint lock bench clean
+.PHONY: install install-test serve train test test-fast lint lock bench clean deploy-lint-tools
+
+# checkov (security lint of deploy/ and the Dockerfile, run by tests/test_deploy.py) lives in a venv of
+# its own: it pins old packaging and networkx that the project's own dependencies have outgrown.
+LINT_VENV ?= $(VENV)/lint
+CHECKOV   ?= checkov==3.3.30
 
 # serve installs only what serving needs; test adds training and the test tools on top.
 $(VENV)/.serve-installed: scripts/setup.sh requirements/serve.txt constraints.txt pyproject.toml
@@ -21,13 +26,20 @@ $(VENV)/.test-installed: $(VENV)/.serve-installed requirements/test.txt
 install: $(VENV)/.serve-installed
 install-test: $(VENV)/.test-installed
 
+$(LINT_VENV)/.installed:
+	$(PYTHON) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/python -m pip install -q '$(CHECKOV)'
+	touch $@
+
+deploy-lint-tools: $(LINT_VENV)/.installed
+
 serve: install
 	HOST=$(HOST) PORT=$(PORT) $(VENV)/bin/gunicorn -c service/gunicorn.conf.py "service:create_app()"
 
 train: install-test
 	$(PY) -m training $(ARGS)
 
-test: install-test
+test: install-test deploy-lint-tools
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)
