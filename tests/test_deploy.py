@@ -425,15 +425,10 @@ def render_all() -> dict[str, list[dict]]:
 # one replica (podman publishes the containerPort on the host), and the Job, which podman 4.3 does not
 # run, played as a Pod of the Job's own pod template.
 
-from tests.test_container import (  # noqa: E402
-    BUILD_TIMEOUT_S,
-    ENGINE_PROBLEM,
-    SAMPLES,
-    _copy_repository,
-    _offline_probabilities,
-    _png,
-    _torch_index_url,
-)
+from testing.containers import BUILD_TIMEOUT_S, ENGINE_PROBLEM  # noqa: E402
+from testing.containers import copy_repository as _copy_repository  # noqa: E402
+from testing.containers import torch_index_url as _torch_index_url  # noqa: E402
+from tests.test_container import SAMPLES, _offline_probabilities, _png  # noqa: E402
 
 API_IMAGE = "docker.io/library/k8s-fashion-mnist-api:test"
 TRAIN_IMAGE = "docker.io/library/k8s-fashion-mnist-train:test"
