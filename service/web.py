@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import time
 import zlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from flask import Flask, Response, request
+from flask import Flask, Response, current_app, has_request_context, request
 from PIL import Image
 
 from fashion.contract import (
@@ -35,7 +36,7 @@ from fashion.contract import (
     has_light_background,
     to_fashion_mnist,
 )
-from fashion.images import MEDIA_TYPES, ImageError, decode_image
+from fashion.images import MEDIA_TYPES, ImageError, decode_images
 
 if TYPE_CHECKING:
     from service.model import ModelRunner
@@ -137,7 +138,7 @@ _INVERTED = bytes(range(255, -1, -1))  # ImageOps.invert's table for 8-bit pixel
 def decode_crop(data: bytes) -> Image.Image | None:
     """A Fashion-MNIST crop sent as the plainest PNG (8-bit grayscale 28x28, not interlaced, no
     metadata that could change its pixels) -> its image; None for any other bytes, which take
-    ``decode_image``'s general path (and its refusals).
+    ``decode_images``' general path (and its refusals).
 
     The pixels come from Pillow's own PNG decoder (the "zip" decoder ``Image.open`` would set
     up), without the format detection and chunk machinery around it, which cost more than the
@@ -165,7 +166,7 @@ def decode_crop(data: bytes) -> Image.Image | None:
         offset = end
     try:
         return Image.frombytes("L", (INPUT_WIDTH, INPUT_HEIGHT), b"".join(idat), "zip", "L")
-    except (ValueError, OSError):  # a short or corrupt stream: let decode_image say what is wrong
+    except (ValueError, OSError):  # a short or corrupt stream: the general path says what is wrong
         return None
 
 
@@ -193,19 +194,62 @@ def _inverted_as_asked(crop: Image.Image, invert: str) -> bytes:
     return crop.tobytes()
 
 
+def request_budget() -> tuple[int | None, float | None]:
+    """(MAX_REQUEST_PIXELS, the request's deadline as a time.monotonic() value); no limits outside a request."""
+    if not has_request_context():
+        return None, None
+    settings = current_app.config["SETTINGS"]
+    started = getattr(request, "started", None)  # time.perf_counter() when the request began (service.app)
+    spent = time.perf_counter() - started if started is not None else 0.0
+    return settings.max_request_pixels, time.monotonic() + settings.request_deadline - spent
+
+
 def to_inputs(blobs: list[bytes], invert: str, max_pixels: int) -> torch.Tensor:
-    """Image bytes -> the normalized [N, 1, 28, 28] batch, with the shared contract's preprocessing."""
-    rows = []
-    for index, blob in enumerate(blobs):
+    """Image bytes -> the normalized [N, 1, 28, 28] batch, with the shared contract's preprocessing.
+
+    Within the request's budget (fashion.images.decode_images): all headers are checked against
+    MAX_REQUEST_PIXELS before anything is decoded, and REQUEST_DEADLINE before each image.
+    """
+    max_request_pixels, deadline = request_budget()
+    crops = _plain_crops(blobs, max_request_pixels, deadline)
+    if crops is not None:  # the common case: Fashion-MNIST crops as plain PNGs
+        rows = [_inverted_as_asked(crop, invert) for crop in crops]
+    else:
+        rows = _general_rows(blobs, invert, max_pixels, max_request_pixels, deadline)
+    # The contract's per-value lookup (INPUT_TABLE, as canvases_to_input uses it) on all pixels at once.
+    pixels = np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(len(rows), *INPUT_SHAPE)
+    return torch.from_numpy(INPUT_TABLE[pixels])
+
+
+def _plain_crops(blobs: list[bytes], max_request_pixels: int | None, deadline: float | None) -> list | None:
+    """Every image decoded by ``decode_crop``, within the same budget as the general path; None when
+    one is not a plain crop or a budget would refuse, and the general path decides (and says why)."""
+    if not all(blob[:29] == _PNG_SIGNATURE + _CROP_IHDR for blob in blobs):
+        return None
+    if max_request_pixels is not None and len(blobs) * INPUT_WIDTH * INPUT_HEIGHT > max_request_pixels:
+        return None
+    crops = []
+    for blob in blobs:
+        if deadline is not None and time.monotonic() > deadline:
+            return None
         crop = decode_crop(blob)
-        if crop is not None:  # the common case: a Fashion-MNIST crop as a plain PNG
-            rows.append(_inverted_as_asked(crop, invert))
-            continue
-        where = f"image {index}: " if len(blobs) > 1 else ""
-        try:
-            image = decode_image(blob, max_pixels)
-        except ImageError as error:
-            raise ServiceError(error.status, error.code, f"{where}{error}") from None
+        if crop is None:
+            return None
+        crops.append(crop)
+    return crops
+
+
+def _general_rows(
+    blobs: list[bytes], invert: str, max_pixels: int, max_request_pixels: int | None, deadline: float | None
+) -> list[bytes]:
+    """Any images -> their 784 preprocessed pixels each, through fashion.images and the contract."""
+    try:
+        images = decode_images(blobs, max_pixels, max_request_pixels, deadline)
+    except ImageError as error:
+        where = f"image {error.index}: " if len(blobs) > 1 and error.index is not None else ""
+        raise ServiceError(error.status, error.code, f"{where}{error}") from None
+    rows = []
+    for index, image in enumerate(images):
         pixels = crop_pixels(image, invert)
         if pixels is None:
             try:
@@ -215,11 +259,10 @@ def to_inputs(blobs: list[bytes], invert: str, max_pixels: int) -> torch.Tensor:
                     "preprocessing failed",
                     extra={"image_format": image.format, "image_mode": image.mode, "error": repr(error)},
                 )
+                where = f"image {index}: " if len(blobs) > 1 else ""
                 raise ServiceError(400, "invalid_image", f"{where}the image cannot be converted to grayscale") from None
         rows.append(pixels)
-    # The contract's per-value lookup (INPUT_TABLE, as canvases_to_input uses it) on all pixels at once.
-    pixels = np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(len(rows), *INPUT_SHAPE)
-    return torch.from_numpy(INPUT_TABLE[pixels])
+    return rows
 
 
 # "label":..., "probabilities":{"T-shirt/top":...}: JSON text of the class names, made once.
