@@ -8,6 +8,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from flask import request
 from PIL import Image, PngImagePlugin
 
 from fashion.contract import (
@@ -185,3 +186,24 @@ def test_access_line_is_the_log_formats_json_and_escapes_client_text():
     assert (entry["status"], entry["latency_ms"], entry["label"]) == (200, 1.5, ["Bag", "Coat"])
     assert (entry["error"], entry["trace_id"]) == ("x", "ab" * 16)
     assert "error" not in json.loads(access_line("r", "GET", "/", 200, 0.1, None))
+
+
+def test_plain_crops_keep_the_request_budget(test_set, tmp_path):
+    """The crop fast path counts its 784 pixels per image against MAX_REQUEST_PIXELS and stops at
+    REQUEST_DEADLINE like the general path, and refuses with the general path's words."""
+    from service.app import create_app
+
+    app = create_app({"MODEL_DIR": str(tmp_path), "MAX_REQUEST_PIXELS": "1000", "ACCESS_LOG": "false"})
+    crops = [png(array) for array in test_set.data.numpy()[:2]]
+    with app.test_request_context("/predict", method="POST"):
+        assert to_inputs(crops[:1], "auto", 10**6).shape == (1, 1, 28, 28)  # 784 pixels: within
+        with pytest.raises(ServiceError) as refused:
+            to_inputs(crops, "auto", 10**6)  # 1,568 pixels
+    assert (refused.value.status, refused.value.code) == (413, "request_too_large")
+    assert "MAX_REQUEST_PIXELS" in refused.value.message
+    app = create_app({"MODEL_DIR": str(tmp_path), "REQUEST_DEADLINE": "0.1", "ACCESS_LOG": "false"})
+    with app.test_request_context("/predict", method="POST"):
+        request.started -= 1.0  # the request began a second ago: past its deadline
+        with pytest.raises(ServiceError) as refused:
+            to_inputs(crops, "auto", 10**6)
+    assert (refused.value.status, refused.value.code) == (503, "deadline_exceeded")
