@@ -60,6 +60,7 @@ bench: install-test
 	$(PY) benchmarks/bench_training.py
 	$(PY) benchmarks/bench_serving.py
 	$(PY) benchmarks/bench_v2.py
+	$(PY) benchmarks/bench_proxy.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache test-artifacts

@@ -1,12 +1,14 @@
-"""Serving benchmark: the real gunicorn server under wrk, next to a constant-JSON ceiling.
+"""Serving benchmark: the real gunicorn server under wrk, next to a constant-JSON ceiling and a naive handler.
 
-Starts the service (``service:create_app()``) and, with the same gunicorn config and worker
-count, a Flask app answering a constant JSON (benchmarks/ceiling_app.py): the most this
-gunicorn/Flask stack can do on this machine. Both are driven by wrk, interleaved, with real
-Fashion-MNIST test images as PNG bodies, and the script prints:
+Starts the service (``service:create_app()``, its defaults: JSON access log and metrics on) and,
+with the same gunicorn config and worker count, a Flask app answering a constant JSON
+(benchmarks/ceiling_app.py): the most this gunicorn/Flask stack can do on this machine; and
+the 20-line Flask handler anyone would write first (benchmarks/naive_app.py). All three are
+driven by wrk, interleaved, with real Fashion-MNIST test images as PNG bodies, and the script
+prints:
 
-- single-image requests/s and p50/p99 latency at 8 and 32 connections, and the ratio to the
-  ceiling measured in the same run;
+- single-image requests/s and p50/p99 latency at 8 and 32 connections, the ratio to the
+  ceiling and to the naive handler, each a median of per-round ratios from the same run;
 - images/s for multipart batches of 64;
 - start to first correct answer (gunicorn started -> a POST /predict answered right), median;
 - memory of the whole server (master + workers) as PSS after the load.
@@ -14,6 +16,7 @@ Fashion-MNIST test images as PNG bodies, and the script prints:
 Timings on a shared machine are noisy: runs are interleaved and repeated and medians printed.
 
     python benchmarks/bench_serving.py [--model-dir models] [--duration 8] [--repeats 3]
+    python benchmarks/bench_serving.py --stages     # in-process CPU time per stage of /predict
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from testing.images import png  # noqa: E402
 from testing.server import ServerHandle, start_server  # noqa: E402
 
 CEILING_APP = "benchmarks.ceiling_app:create_app()"
+NAIVE_APP = "benchmarks.naive_app:create_app()"
 BOUNDARY = "fashionbenchboundary"
 
 # The one wrk script of both benchmarks (bench_v2.py too); run_wrk sets its environment.
@@ -101,6 +105,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--batch-connections", type=int, default=4)
     parser.add_argument("--starts", type=int, default=3, help="cold starts timed")
+    parser.add_argument("--stages", action="store_true", help="print the in-process cost per stage and exit")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        help="with --stages: only the whole-request rows, for the service and ceiling code in this checkout "
+        "(another commit's, e.g. `git worktree add /tmp/before 29f47c2`)",
+    )
     return parser.parse_args(argv)
 
 
@@ -227,19 +238,23 @@ def main(args: argparse.Namespace) -> dict:
     ]
     results["start_to_first_answer_s"] = {"median": statistics.median(starts), "all": starts}
 
-    service = start_server(args.model_dir, workers=args.workers, env={"RELOAD_INTERVAL": "2"}, log_dir=work)
-    ceiling = start_server(None, workers=args.workers, app=CEILING_APP, log_dir=work)
+    # Each server with its defaults; the service's are what a user gets (access log and metrics on).
+    servers: dict[str, ServerHandle] = {}
     try:
-        for handle in (service, ceiling):  # warm both: first requests, page faults
+        servers["ceiling"] = start_server(None, workers=args.workers, app=CEILING_APP, log_dir=work)
+        servers["naive"] = start_server(args.model_dir, workers=args.workers, app=NAIVE_APP, log_dir=work)
+        servers["service"] = service = start_server(args.model_dir, workers=args.workers, log_dir=work)
+        for handle in servers.values():  # warm all: first requests, page faults
             for i in range(50):
-                requests.post(
+                answer = requests.post(
                     handle.url + "/predict", data=png(pixels[i]), headers={"Content-Type": "image/png"}, timeout=10
                 )
+                answer.raise_for_status()
         single: dict = {}
         for connections in args.connections:
-            runs: dict[str, list[dict]] = {"ceiling": [], "service": []}
+            runs: dict[str, list[dict]] = {name: [] for name in servers}
             for _ in range(args.repeats):
-                for name, handle in (("ceiling", ceiling), ("service", service)):
+                for name, handle in servers.items():
                     runs[name].append(run_wrk(handle, script, singles, "image/png", connections, args))
             single[connections] = {
                 name: {
@@ -255,9 +270,12 @@ def main(args: argparse.Namespace) -> dict:
                 }
                 for name, rs in runs.items()
             }
-            # Ratio per interleaved pair, then the median: load from other processes hits both alike.
-            ratios = [s["rps"] / c["rps"] for s, c in zip(runs["service"], runs["ceiling"], strict=True)]
-            single[connections]["ratio"] = statistics.median(ratios)
+            # Ratio per interleaved round, then the median: load from other processes hits all alike.
+            for name, base in (("ratio", "ceiling"), ("vs_naive", "naive")):
+                ratios = [s["rps"] / b["rps"] for s, b in zip(runs["service"], runs[base], strict=True)]
+                single[connections][name] = statistics.median(ratios)
+            ratios = [n["rps"] / c["rps"] for n, c in zip(runs["naive"], runs["ceiling"], strict=True)]
+            single[connections]["naive_ratio"] = statistics.median(ratios)
         results["single"] = single
 
         batch_runs = [
@@ -272,12 +290,12 @@ def main(args: argparse.Namespace) -> dict:
             "p99_ms": statistics.median(r["p99_us"] for r in batch_runs) / 1000,
             "failed": sum(r["failed"] for r in batch_runs),
         }
-        results["pss_mb"] = {"service": pss_mb(service), "ceiling": pss_mb(ceiling)}
+        results["pss_mb"] = {name: pss_mb(handle) for name, handle in servers.items()}
         served = service.access_entries()
         results["server_errors_logged"] = sum(1 for e in served if e["status"] >= 500)
     finally:
-        service.stop()
-        ceiling.stop()
+        for handle in servers.values():
+            handle.stop()
         shutil.rmtree(work, ignore_errors=True)
     report(results)
     if args.json:
@@ -288,16 +306,18 @@ def main(args: argparse.Namespace) -> dict:
 def report(results: dict) -> None:
     print(f"\nserving benchmark: {results['workers']} workers, wrk {results['duration_s']} s x {results['repeats']}")
     print(
-        f"{'connections':>11} | {'ceiling req/s':>13} | {'service req/s':>13} | {'ratio':>5} | "
-        f"{'p50 ms':>6} | {'p99 ms':>6} | {'ceiling p99':>11} | worker CPU us/req (ceiling/service) | failed"
+        f"{'connections':>11} | {'server':>7} | {'req/s':>7} | {'vs ceiling':>10} | {'p50 ms':>6} | {'p99 ms':>6} | "
+        "worker CPU us/req | failed"
     )
     for connections, row in results["single"].items():
-        s, c = row["service"], row["ceiling"]
-        print(
-            f"{connections:>11} | {c['rps']:>13,.0f} | {s['rps']:>13,.0f} | {row['ratio']:>5.2f} | "
-            f"{s['p50_ms']:>6.2f} | {s['p99_ms']:>6.2f} | {c['p99_ms']:>11.2f} | "
-            f"{c['cpu_us_per_request']:>6.0f} / {s['cpu_us_per_request']:<6.0f} | {s['failed'] + c['failed']}"
-        )
+        ratios = {"ceiling": 1.0, "naive": row["naive_ratio"], "service": row["ratio"]}
+        for name in ("ceiling", "naive", "service"):
+            r = row[name]
+            print(
+                f"{connections:>11} | {name:>7} | {r['rps']:>7,.0f} | {ratios[name]:>10.2f} | {r['p50_ms']:>6.2f} | "
+                f"{r['p99_ms']:>6.2f} | {r['cpu_us_per_request']:>17.0f} | {r['failed']}"
+            )
+        print(f"{'':>11} | service / naive: {row['vs_naive']:.2f}x")
     b = results["batch"]
     print(
         f"batches of {b['batch_size']} at {b['connections']} connections: {b['images_per_s']:,.0f} images/s "
@@ -306,12 +326,108 @@ def report(results: dict) -> None:
     start = results["start_to_first_answer_s"]
     runs = ", ".join(f"{s:.2f}" for s in start["all"])
     print(f"start to first correct answer: {start['median']:.2f} s (median of {runs})")
-    print(
-        f"memory (PSS, master + workers): service {results['pss_mb']['service']:.0f} MB, "
-        f"ceiling {results['pss_mb']['ceiling']:.0f} MB"
-    )
+    print("memory (PSS, master + workers): " + ", ".join(f"{k} {v:.0f} MB" for k, v in results["pss_mb"].items()))
     print(f"5xx answers logged by the service: {results['server_errors_logged']}")
 
 
+# --------------------------------------------------------------------------- stages
+
+
+def stage_costs(args: argparse.Namespace, images: int = 500, rounds: int = 7) -> dict[str, float]:
+    """In-process CPU microseconds per call of each stage of a single-image POST /predict (median of
+    rounds; the whole request through the WSGI app, no HTTP server), next to the ceiling app's request."""
+    import io as _io
+    import sys as _sys
+
+    from werkzeug.test import EnvironBuilder
+
+    pixels = FashionMNIST(str(args.data_dir), train=False).data.numpy()
+    blobs = [png(pixels[i]) for i in range(images)]
+    if args.root:  # another checkout's code, all of it: drop what this one has imported
+        for name in [m for m in _sys.modules if m.split(".")[0] in ("fashion", "service", "benchmarks")]:
+            del _sys.modules[name]
+        _sys.path.insert(0, str(args.root.resolve()))
+    from benchmarks import ceiling_app
+    from service import create_app
+
+    app = create_app({"MODEL_DIR": str(args.model_dir)})  # the defaults: access log and metrics on
+    ceiling = ceiling_app.create_app()
+    environs = [
+        EnvironBuilder(path="/predict", method="POST", data=b, content_type="image/png").get_environ() for b in blobs
+    ]
+
+    def through(wsgi_app):
+        def run(index: int) -> None:
+            environ = dict(environs[index], **{"wsgi.input": _io.BytesIO(blobs[index])})
+            for _ in wsgi_app(environ, lambda *_: None):
+                pass
+
+        return run
+
+    stages = {
+        "ceiling: a constant-JSON Flask request": through(ceiling),
+        "/predict: the whole request": through(app),
+    }
+    if not args.root:
+        stages.update(_stages_of_this_checkout(app, blobs, environs))
+    costs: dict[str, list[float]] = {name: [] for name in stages}
+    null = os.open(os.devnull, os.O_WRONLY)
+    saved = os.dup(2)
+    os.dup2(null, 2)  # the access lines of the whole-request rows
+    try:
+        for _ in range(rounds):  # interleaved, so load from other processes hits every stage alike
+            for name, stage in stages.items():
+                started = time.process_time()
+                for index in range(images):
+                    stage(index)
+                costs[name].append((time.process_time() - started) / images * 1e6)
+    finally:
+        os.dup2(saved, 2)
+        os.close(null)
+    return {name: statistics.median(values) for name, values in costs.items()}
+
+
+def _stages_of_this_checkout(app, blobs: list[bytes], environs: list[dict]) -> dict:
+    """The steps of a /predict, each callable with an image's index."""
+    import io as _io
+
+    import torch
+
+    from fashion.contract import to_fashion_mnist
+    from fashion.images import decode_image
+    from service.web import crop_pixels, decode_crop, prediction_json, read_images, to_inputs
+
+    runner = app.extensions["model_runner"]
+    model = runner.current
+    decoded = [decode_image(blob) for blob in blobs]
+    batches = [to_inputs([blob], "auto", 10**8) for blob in blobs]
+    rows = [row.tolist() for row in model.predict(torch.cat(batches))]
+
+    def reading(index: int) -> None:
+        environ = dict(environs[index], **{"wsgi.input": _io.BytesIO(blobs[index])})
+        with app.request_context(environ):
+            read_images(64)
+
+    stages = {
+        "read_images (the body, in a request context)": reading,
+        "decode_crop (the plain 28x28 PNG fast path)": lambda i: decode_crop(blobs[i]),
+        "decode_image (the general path: Pillow open + load)": lambda i: decode_image(blobs[i]),
+        "crop_pixels (a decoded crop's pixels, inverted if asked)": lambda i: crop_pixels(decoded[i], "auto"),
+        "to_fashion_mnist (the general photo path)": lambda i: to_fashion_mnist(decoded[i], "auto"),
+        "to_inputs (decode + pixels + normalized tensor)": lambda i: to_inputs([blobs[i]], "auto", 10**8),
+        "model forward + softmax": lambda i: model.predict(batches[i]),
+        "runner.predict (forward + softmax + metrics)": lambda i: runner.predict(model, batches[i]),
+        "prediction_json (the answer's JSON text)": lambda i: prediction_json(rows[i], 0, model.identity_json),
+    }
+    return stages
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    arguments = parse_args()
+    if arguments.stages:
+        costs = stage_costs(arguments)
+        print(f"in-process CPU time per call, us (median of 7 interleaved rounds, 1 thread), {sys.modules['service']}:")
+        for stage, microseconds in costs.items():
+            print(f"{microseconds:8.1f}  {stage}")
+    else:
+        main(arguments)

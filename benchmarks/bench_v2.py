@@ -216,7 +216,7 @@ def main(args: argparse.Namespace) -> dict:
     }  # fmt: skip
 
     results: dict = {"workers": args.workers, "duration_s": args.duration, "repeats": args.repeats, "model": model_note}
-    service = start_server(model_dir, workers=args.workers, env={"ACCESS_LOG": "false"}, log_dir=work)
+    service = start_server(model_dir, workers=args.workers, log_dir=work)  # the defaults: access log, metrics
     ceiling = start_server(None, workers=args.workers, app=CEILING_APP, log_dir=work)
     try:
         for name, (path, directory) in bodies.items():

@@ -5,10 +5,10 @@
 import io
 import os
 
+import numpy as np
 import torch
 from flask import Flask, jsonify, request
 from PIL import Image
-from torchvision.transforms.functional import normalize, to_tensor
 
 from fashion.checkpoint import load_checkpoint
 from fashion.contract import CLASS_NAMES, MEAN, STD
@@ -22,8 +22,9 @@ def create_app(test_config=None) -> Flask:
     @app.post("/predict")
     def predict():
         image = Image.open(io.BytesIO(request.get_data())).convert("L").resize((28, 28))
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255)
         with torch.no_grad():
-            logits = model(normalize(to_tensor(image), [MEAN], [STD]).unsqueeze(0))
+            logits = model(((pixels - MEAN) / STD).reshape(1, 1, 28, 28))
         probabilities = torch.softmax(logits, dim=1)[0].tolist()
         best = max(range(len(probabilities)), key=probabilities.__getitem__)
         return jsonify(

@@ -1,6 +1,6 @@
 """Accuracy of the served model per image encoding, next to the plain 28x28 PNGs.
 
-Every encoding in tests/realimages.py (product-style photos made from real test images:
+Every encoding in testing/realimages.py (product-style photos made from real test images:
 dark garment on a light background, larger, with margins; RGBA cut-outs, palette, 16-bit,
 CMYK, JPEG, WebP, GIF, BMP, TIFF, EXIF-rotated) goes through the service's own decoding and
 preprocessing (service.app.to_inputs) and the bundled model, in process.

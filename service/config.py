@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fashion.images import DEFAULT_MAX_PIXELS
+from fashion.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_PIXELS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = PROJECT_ROOT / "models"
@@ -82,11 +82,15 @@ class Settings:
     max_upload_bytes: int = 16 * 1024 * 1024
     max_batch: int = 64
     max_image_pixels: int = DEFAULT_MAX_PIXELS
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
     torch_threads: int = 1
     reload_interval: float = 2.0  # seconds between checks for a new model; 0 = never reload
     access_log: bool = True
     timeout: int = 30
     graceful_timeout: int = 30
+    # Seconds a request may spend before it is answered 503 instead of running on until gunicorn kills
+    # the worker at `timeout`; by default two thirds of it.
+    request_deadline: float = 20.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -120,9 +124,16 @@ class Settings:
             torch_threads=_int(environ, "TORCH_THREADS", max(1, cpus // workers), 1, 1024),
             reload_interval=_float(environ, "RELOAD_INTERVAL", cls.reload_interval, 0.0),
             access_log=_bool(environ, "ACCESS_LOG", cls.access_log),
+            max_request_pixels=_int(environ, "MAX_REQUEST_PIXELS", cls.max_request_pixels, 28 * 28),
             timeout=_int(environ, "TIMEOUT", cls.timeout, 1, 3600),
             graceful_timeout=_int(environ, "GRACEFUL_TIMEOUT", cls.graceful_timeout, 0, 3600),
         )
+        values["request_deadline"] = _float(environ, "REQUEST_DEADLINE", values["timeout"] * 2 / 3, 0.1)
+        if values["request_deadline"] >= values["timeout"]:
+            raise ConfigError(
+                f"REQUEST_DEADLINE={values['request_deadline']:g} must be below TIMEOUT={values['timeout']}: "
+                "the service answers before gunicorn kills the worker"
+            )
         # Last: probing for CUDA imports torch, which a typo elsewhere should not wait for.
         return cls(device=_resolve_device(device), **values)
 

@@ -12,14 +12,18 @@ benchmark section has the measured start time).
 """
 
 import errno
+import json
 import os
 import socket
 import sys
 
+import gunicorn.util
+
 # torch.cuda.is_available() through NVML does not initialise CUDA in the master, which would
 # make CUDA unusable in the forked workers.
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# realpath: in the image this file is reached through a link in /app (see the Dockerfile).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
 from service.config import EXIT_CONFIG_ERROR, ConfigError, Settings
 
@@ -101,3 +105,22 @@ def on_starting(server):
         _settings.max_batch,
         _settings.max_upload_bytes,
     )
+
+
+def _write_json_error(sock, status_int, reason, mesg):
+    """gunicorn's own error answers in the service's JSON error shape, instead of its HTML page.
+
+    gunicorn answers by itself when it cannot parse a request (400) or when the request dies in the
+    worker (500), which is what a request cut short by TIMEOUT looks like to its client.
+    """
+    if status_int >= 500:
+        code, mesg = "internal_error", "the server failed to handle this request; it has been logged"
+    else:
+        code = reason.lower().replace(" ", "_")
+    body = json.dumps({"error": {"status": status_int, "code": code, "message": mesg or reason}})
+    head = f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    gunicorn.util.write_nonblock(sock, f"{head}Content-Length: {len(body)}\r\n\r\n{body}".encode("latin1"))
+
+
+def post_fork(server, worker):
+    gunicorn.util.write_error = _write_json_error

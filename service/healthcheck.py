@@ -1,9 +1,10 @@
 """Container health check: exit 0 when the local service answers ``GET /readyz`` with 200, else 1.
 
-The image has no curl, so the Dockerfile's HEALTHCHECK runs this file with the image's Python:
-``python /app/service/healthcheck.py``. It imports only the standard library, so a check starts in
-milliseconds; run as a file, it does not even import the ``service`` package (which is light too:
-``service/__init__.py`` imports the app, and with it torch, only when ``create_app`` is called).
+The images have no curl, so their HEALTHCHECK runs this with the image's Python: ``python -m
+service.healthcheck`` in the api image (the installed package: ``service/__init__.py`` imports the app,
+and with it torch, only when ``create_app`` is called), ``python /etc/fashion-proxy/healthcheck.py`` in
+the proxy image (a copy of this file: GET /readyz through the proxy). It imports only the standard
+library, so a check starts in milliseconds.
 """
 
 from __future__ import annotations

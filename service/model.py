@@ -15,6 +15,7 @@ card's rename) triggers another try.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -63,6 +64,9 @@ class LoadedModel:
     def __post_init__(self) -> None:
         # build_model returns an nn.Sequential; its layers are called one by one in predict.
         object.__setattr__(self, "layers", tuple(self.model) if isinstance(self.model, nn.Sequential) else None)
+        # {"name", "version", "sha256"} as JSON, in every answer: written once per model, not per request.
+        identity = {"name": self.card.get("name"), "version": self.version, "sha256": self.sha256}
+        object.__setattr__(self, "identity_json", json.dumps(identity, separators=(",", ":")))
 
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
         """[N, 1, 28, 28] normalized float inputs -> [N, 10] softmax probabilities on the CPU."""

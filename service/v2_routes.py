@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import zlib
 
-from flask import Blueprint, Flask, Response, current_app, g, request
+from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
 from fashion.checkpoint import MODEL_NAME
@@ -110,7 +109,7 @@ def create_blueprint() -> Blueprint:
         batch = model_batch(infer_request, settings.max_batch, settings.max_image_pixels, invert)
         probabilities = runner_of(current_app).predict(model, batch).numpy()
         labels = [CLASS_NAMES[i] for i in probabilities.argmax(axis=1).tolist()]
-        g.label = labels[0] if len(labels) == 1 else labels  # for the app's access log line
+        request.label = labels[0] if len(labels) == 1 else labels  # for the app's access log line
         body, header_length = encode_response(
             output_tensors(probabilities, outputs), name, model.version, infer_request.id
         )
@@ -154,22 +153,23 @@ def encode_http(body: bytes, header_length: int | None) -> Response:
 
 
 def register(app: Flask) -> None:
-    """Add the v2 routes, and answer unknown /v2 URLs in the protocol's error form."""
+    """Add the v2 routes (the app answers unknown /v2 URLs with ``routing_error``)."""
     app.register_blueprint(create_blueprint())
 
-    @app.after_request
-    def v2_routing_errors(response: Response) -> Response:
-        # 404/405 from URL routing never reach the blueprint's handlers; the app renders them in
-        # its own error form, which v2 clients cannot read, so restate them as {"error": "..."}.
-        if request.url_rule is None and response.status_code in (404, 405) and _is_v2_path(request.path):
-            if response.status_code == 404:
-                message = f"no such endpoint: {request.path}"
-            else:
-                message = f"method {request.method} is not allowed on {request.path}"
-            response.set_data(json.dumps({"error": message}))
-            response.mimetype = "application/json"
-        return response
+
+def routing_error(error: HTTPException) -> Response:
+    """A 404 or 405 from URL routing under /v2, in the protocol's error form."""
+    if error.code == 405:
+        message = f"method {request.method} is not allowed on {request.path}"
+    elif error.code == 404:
+        message = f"no such endpoint: {request.path}"
+    else:
+        message = error.description or error.name
+    response = _error(message, error.code or 400)
+    if error.code == 405:
+        response.headers["Allow"] = dict(error.get_headers()).get("Allow", "")
+    return response
 
 
-def _is_v2_path(path: str) -> bool:
+def is_v2_path(path: str) -> bool:
     return path == "/v2" or path.startswith("/v2/")

@@ -149,7 +149,7 @@ def start_server(
             try:
                 requests.get(handle.url + wait, timeout=2)
                 return handle
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or a worker still booting
                 time.sleep(0.05)
         handle.stop()
         text = handle.log_text()

@@ -6,6 +6,7 @@ Known answers come from models with hand-set weights whose softmax is computed h
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -419,11 +420,16 @@ def test_unexpected_exception_is_a_json_500_and_logged(bias_model, caplog):
         raise RuntimeError("secret internal detail")
 
     client = app.test_client()
-    response = client.get("/boom")
+    with caplog.at_level(logging.ERROR, logger="service.app"):
+        response = client.get("/boom")
     assert response.status_code == 500
     body = response.get_json()
     assert body["error"]["code"] == "internal_error"
     assert "secret" not in response.get_data(as_text=True)
+    # The cause is logged, with the request id the client got back (generated here, none was sent).
+    (record,) = [r for r in caplog.records if r.name == "service.app"]
+    assert record.exc_info and "secret internal detail" in str(record.exc_info[1])
+    assert record.request_id == response.headers["X-Request-ID"] and len(record.request_id) == 16
     assert client.get("/healthz").status_code == 200
 
 

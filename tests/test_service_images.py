@@ -1,7 +1,7 @@
 """Real-world images made from the real test set, through the real server: accuracy per encoding.
 
 The same 200 test images are posted as plain 28x28 PNGs and as product-style photos in every
-encoding a client may send (tests/realimages.py); each encoding must stay close to the plain
+encoding a client may send (testing/realimages.py); each encoding must stay close to the plain
 accuracy. benchmarks/real_images.py prints the full table on more images.
 """
 

@@ -1,16 +1,31 @@
-"""In-process checks of the service's pieces: settings, the input lookup table, the runner."""
+"""In-process checks of the service's pieces: settings, the input lookup table, the hot path's pieces."""
 
 from __future__ import annotations
+
+import json
+import zlib
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from flask import request
+from PIL import Image, PngImagePlugin
 
-from fashion.contract import FEATURE_TRANSFORM, INPUT_TABLE, pixels_to_input
+from fashion.contract import (
+    CLASS_NAMES,
+    FEATURE_TRANSFORM,
+    INPUT_TABLE,
+    INVERT_MODES,
+    NUM_CLASSES,
+    canvases_to_input,
+    pixels_to_input,
+    to_fashion_mnist,
+)
+from fashion.images import ImageError, decode_image
 from service.config import DEFAULT_MODEL_DIR, PROJECT_ROOT, ConfigError, Settings, usable_cpus
-from service.web import to_inputs
-from testing.images import png
+from service.logs import access_line
+from service.web import ServiceError, crop_pixels, decode_crop, prediction_json, to_inputs
+from testing.images import encode, png
 
 
 def test_served_inputs_are_bit_identical_to_the_training_transform(test_set):
@@ -79,3 +94,116 @@ def test_model_dir_that_is_a_file_is_refused(tmp_path):
     path.write_text("x")
     with pytest.raises(ConfigError, match="not a directory"):
         Settings.from_env({"MODEL_DIR": str(path)})
+
+
+# --------------------------------------------------------------------------- hot-path pieces
+
+
+@pytest.mark.parametrize("invert", INVERT_MODES)
+def test_crop_fast_path_gives_the_general_pipelines_pixels(test_set, invert):
+    for array in test_set.data.numpy()[:300]:
+        image = decode_image(png(array))
+        assert crop_pixels(image, invert) == to_fashion_mnist(decode_image(png(array)), invert).tobytes()
+    light = decode_image(png(255 - test_set.data.numpy()[0]))  # a dark garment on white: auto inverts it
+    assert crop_pixels(light, "auto") == to_fashion_mnist(light, "auto").tobytes()
+
+
+def test_crop_decoder_gives_pillows_pixels_and_leaves_every_other_png_to_it(test_set):
+    for array in test_set.data.numpy()[:300]:
+        blob = png(array)
+        assert decode_crop(blob).tobytes() == decode_image(blob).tobytes() == array.tobytes()
+    blob = png(test_set.data.numpy()[0])
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Comment", "hello")
+    header = blob[12:28] + b"\x01"  # IHDR with interlace method 1 (Adam7), and its CRC
+    interlaced_header = blob[:12] + header + zlib.crc32(header).to_bytes(4, "big") + blob[33:]
+    broken_crc = bytearray(blob)
+    broken_crc[40] ^= 0xFF  # inside the IDAT data
+    others = {
+        "text chunk": encode(Image.fromarray(test_set.data.numpy()[0]), pnginfo=text),
+        "interlaced": interlaced_header,
+        "16-bit": encode(Image.fromarray(test_set.data.numpy()[0].astype(np.uint16) * 257)),
+        "29 wide": png(np.zeros((28, 29), np.uint8)),
+        "broken CRC": bytes(broken_crc),
+        "truncated": blob[: len(blob) - 20],
+        "no IEND": blob[:-12],
+    }
+    for name, other in others.items():
+        assert decode_crop(other) is None, name
+    # What the general path makes of them (pixels or a refusal) is what the service answers.
+    for name, other in others.items():
+        try:
+            general = canvases_to_input([to_fashion_mnist(decode_image(other, 10**6), "auto")])
+        except ImageError as error:
+            general = (error.status, error.code)
+        try:
+            served = to_inputs([other], "auto", 10**6)
+        except ServiceError as error:
+            served = (error.status, error.code)
+        assert type(served) is type(general), name
+        assert served == general if isinstance(served, tuple) else torch.equal(served, general), name
+
+
+def test_crop_fast_path_leaves_other_images_to_the_general_pipeline():
+    gray = np.arange(28 * 28, dtype=np.uint16).reshape(28, 28).astype(np.uint8)
+    rgb = encode(Image.fromarray(np.stack([gray] * 3, axis=-1)))
+    larger = png(gray.repeat(2, axis=0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: rotate; only the general path applies it
+    rotated = encode(Image.fromarray(gray), exif=exif.tobytes())
+    jpeg = encode(Image.fromarray(gray), "JPEG")
+    for blob in (rgb, larger, rotated, jpeg):
+        assert crop_pixels(decode_image(blob), "auto") is None
+    served = to_inputs([rotated], "false", 10**6)
+    expected = canvases_to_input([to_fashion_mnist(decode_image(rotated), "false")])
+    assert torch.equal(served, expected) and not torch.equal(served, to_inputs([png(gray)], "false", 10**6))
+
+
+@pytest.mark.parametrize("top_k", [0, 1, 3, 10])
+def test_prediction_json_is_the_documented_object(top_k):
+    probabilities = torch.softmax(torch.randn(NUM_CLASSES), dim=0).tolist()
+    best = max(range(NUM_CLASSES), key=probabilities.__getitem__)
+    expected = {
+        "label": CLASS_NAMES[best],
+        "class_id": best,
+        "confidence": probabilities[best],
+        "probabilities": dict(zip(CLASS_NAMES, probabilities, strict=True)),
+    }
+    if top_k:
+        order = sorted(range(NUM_CLASSES), key=probabilities.__getitem__, reverse=True)[:top_k]
+        expected["top_k"] = [{"label": CLASS_NAMES[i], "class_id": i, "probability": probabilities[i]} for i in order]
+    text, class_id = prediction_json(probabilities, top_k, ',"model":{"name":"m"}')
+    assert class_id == best
+    assert text == json.dumps({**expected, "model": {"name": "m"}}, separators=(",", ":"))
+
+
+def test_access_line_is_the_log_formats_json_and_escapes_client_text():
+    line = access_line('id"1', "POST", '/predict"\n{"forged":1}', 200, 1.5, ["Bag", "Coat"], "x", "ab" * 16)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    entry = json.loads(line)
+    assert entry["logger"] == "service.access" and entry["level"] == "info" and entry["message"] == "request"
+    assert entry["path"] == '/predict"\n{"forged":1}' and entry["request_id"] == 'id"1'
+    assert (entry["status"], entry["latency_ms"], entry["label"]) == (200, 1.5, ["Bag", "Coat"])
+    assert (entry["error"], entry["trace_id"]) == ("x", "ab" * 16)
+    assert "error" not in json.loads(access_line("r", "GET", "/", 200, 0.1, None))
+
+
+def test_plain_crops_keep_the_request_budget(test_set, tmp_path):
+    """The crop fast path counts its 784 pixels per image against MAX_REQUEST_PIXELS and stops at
+    REQUEST_DEADLINE like the general path, and refuses with the general path's words."""
+    from service.app import create_app
+
+    app = create_app({"MODEL_DIR": str(tmp_path), "MAX_REQUEST_PIXELS": "1000", "ACCESS_LOG": "false"})
+    crops = [png(array) for array in test_set.data.numpy()[:2]]
+    with app.test_request_context("/predict", method="POST"):
+        assert to_inputs(crops[:1], "auto", 10**6).shape == (1, 1, 28, 28)  # 784 pixels: within
+        with pytest.raises(ServiceError) as refused:
+            to_inputs(crops, "auto", 10**6)  # 1,568 pixels
+    assert (refused.value.status, refused.value.code) == (413, "request_too_large")
+    assert "MAX_REQUEST_PIXELS" in refused.value.message
+    app = create_app({"MODEL_DIR": str(tmp_path), "REQUEST_DEADLINE": "0.1", "ACCESS_LOG": "false"})
+    with app.test_request_context("/predict", method="POST"):
+        request.started -= 1.0  # the request began a second ago: past its deadline
+        with pytest.raises(ServiceError) as refused:
+            to_inputs(crops, "auto", 10**6)
+    assert (refused.value.status, refused.value.code) == (503, "deadline_exceeded")

@@ -1,0 +1,171 @@
+"""Hostile clients for the front-door tests and benchmarks/bench_proxy.py, all bounded in count and time.
+
+Loopback only: every function takes the host and port of the project's own server or proxy.
+
+    slow = SlowClients("127.0.0.1", 8000, headers=6, bodies=6, seconds=12).start()
+    latencies = probe("http://127.0.0.1:8000", png, count=10, interval=1.0)
+    outcomes = slow.join()
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import requests
+from PIL import Image
+
+BOMB_SIDE = 7_999  # 63,984,001 pixels: just under the default MAX_IMAGE_PIXELS (64,000,000)
+BOUNDARY = "fashion-attack-boundary"
+
+
+def small_png() -> bytes:
+    """A real 28x28 grayscale PNG: the normal client's request."""
+    buffer = io.BytesIO()
+    Image.new("L", (28, 28), 0).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def bomb_png(side: int = BOMB_SIDE) -> bytes:
+    """A PNG of side x side pixels that compresses to a few dozen KB (mostly one colour, a striped band)."""
+    image = Image.new("L", (side, side), 0)
+    image.paste(Image.linear_gradient("L").resize((side, 256)), (0, side // 2))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def multipart(blobs: list[bytes], field_name: str = "image") -> tuple[bytes, str]:
+    """A multipart/form-data body with one ``field_name`` part per blob, and its Content-Type."""
+    parts = []
+    for index, blob in enumerate(blobs):
+        head = (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field_name}"; filename="{index}.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        )
+        parts.append(head.encode() + blob + b"\r\n")
+    body = b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def bomb_request(count: int = 64, side: int = BOMB_SIDE) -> tuple[bytes, str]:
+    """The issue's request: ``count`` image fields, each a PNG of side x side pixels."""
+    return multipart([bomb_png(side)] * count)
+
+
+@dataclass
+class SlowOutcome:
+    kind: str  # "header" or "body"
+    seconds: float  # from connecting until the server answered or closed
+    answer: bytes  # what the server sent (b"" when it closed without a word)
+
+
+@dataclass
+class SlowClients:
+    """Connections that send a request one byte (or header line) every ``gap`` seconds.
+
+    ``headers`` of them never finish their headers; ``bodies`` send complete headers announcing a
+    1,000-byte body and trickle it. Each stops after ``seconds`` or when the server answers or closes.
+    """
+
+    host: str
+    port: int
+    headers: int = 0
+    bodies: int = 0
+    seconds: float = 15.0
+    gap: float = 2.0
+    outcomes: list[SlowOutcome] = field(default_factory=list)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> SlowClients:
+        for kind in ["header"] * self.headers + ["body"] * self.bodies:
+            thread = threading.Thread(target=self._run, args=(kind,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def join(self) -> list[SlowOutcome]:
+        for thread in self._threads:
+            thread.join(self.seconds + 10)
+        return self.outcomes
+
+    def _run(self, kind: str) -> None:
+        started = time.monotonic()
+        answer = b""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=5) as sock:
+                if kind == "header":
+                    sock.sendall(b"POST /predict HTTP/1.1\r\nHost: attack\r\n")
+                    drip = b"X-Slow: 1\r\n"
+                else:
+                    sock.sendall(
+                        b"POST /predict HTTP/1.1\r\nHost: attack\r\nContent-Type: image/png\r\n"
+                        b"Content-Length: 1000\r\n\r\n"
+                    )
+                    drip = b"\x00"
+                sock.settimeout(self.gap)
+                while time.monotonic() - started < self.seconds:
+                    try:
+                        answer = sock.recv(4096)
+                        break  # the server answered (or closed: b"")
+                    except TimeoutError:
+                        pass
+                    try:
+                        sock.sendall(drip)
+                    except OSError:
+                        break
+        except OSError:
+            pass
+        self.outcomes.append(SlowOutcome(kind, round(time.monotonic() - started, 2), answer))
+
+
+def probe(url: str, png: bytes, count: int, interval: float, timeout: float = 5.0) -> list[tuple[int | None, float]]:
+    """``count`` normal /predict requests, ``interval`` apart: (status or None on timeout/error, seconds)."""
+    results = []
+    for _ in range(count):
+        started = time.monotonic()
+        try:
+            status = requests.post(
+                f"{url}/predict", data=png, headers={"Content-Type": "image/png"}, timeout=timeout
+            ).status_code
+        except requests.RequestException:
+            status = None
+        results.append((status, round(time.monotonic() - started, 3)))
+        time.sleep(max(0.0, interval - (time.monotonic() - started)))
+    return results
+
+
+def hold_connections(host: str, port: int, count: int, seconds: float = 5.0) -> Counter:
+    """Open ``count`` connections from one address at once, send a GET on each, and tally the answers.
+
+    Returns a Counter of status codes (``"closed"`` when the server closed without answering,
+    ``"refused"`` when the connection could not be made, ``"silent"`` when nothing came in ``seconds``).
+    """
+    tally: Counter = Counter()
+    sockets = []
+    try:
+        for _ in range(count):
+            try:
+                sockets.append(socket.create_connection((host, port), timeout=5))
+            except OSError:
+                tally["refused"] += 1
+        for sock in sockets:
+            # Keep-alive, so the connections stay open while the others are counted.
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: attack\r\n\r\n")
+        deadline = time.monotonic() + seconds
+        for sock in sockets:
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                head = sock.recv(64)
+            except (TimeoutError, OSError):
+                tally["silent"] += 1
+                continue
+            tally[int(head.split()[1]) if head.startswith(b"HTTP/") else "closed"] += 1
+    finally:
+        for sock in sockets:
+            sock.close()
+    return tally

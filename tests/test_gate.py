@@ -1,0 +1,50 @@
+"""The accuracy gate (scripts/accuracy_gate.py) that scripts/retrain.sh and the CI workflow run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("accuracy_gate", REPO / "scripts" / "accuracy_gate.py")
+accuracy_gate = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(accuracy_gate)
+
+
+def _card(tmp_path: Path, name: str, accuracy) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "model.json").write_text(json.dumps({"metrics": {"test_accuracy": accuracy}}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("current", "new", "accepted"),
+    [
+        (0.9100, 0.9100, True),
+        (0.9100, 0.9200, True),
+        (0.9100, 0.9050, True),  # exactly 0.5 points below: still accepted
+        (0.9100, 0.9049, False),
+        (0.9100, 0.8481, False),
+    ],
+)
+def test_accuracy_gate_refuses_more_than_half_a_point_below(tmp_path, current, new, accepted):
+    args = accuracy_gate.parse_args(
+        [str(_card(tmp_path, "current", current)), str(_card(tmp_path, "new", new)), "--report", str(tmp_path / "g")]
+    )
+    assert accuracy_gate.main(args) == (0 if accepted else 1)
+    report = json.loads((tmp_path / "g").read_text())
+    assert report["accepted"] is accepted
+    assert report["new_test_accuracy"] == new and report["current_test_accuracy"] == current
+
+
+def test_accuracy_gate_without_current_model_accepts_and_bad_cards_exit_2(tmp_path):
+    new = _card(tmp_path, "new", 0.5)
+    assert accuracy_gate.main(accuracy_gate.parse_args([str(tmp_path / "nothing"), str(new)])) == 0
+    for bad in ('{"metrics": {}}', "not json", '{"metrics": {"test_accuracy": 91.0}}'):
+        (new / "model.json").write_text(bad)
+        assert accuracy_gate.main(accuracy_gate.parse_args([str(tmp_path / "nothing"), str(new)])) == 2
+    assert accuracy_gate.main(accuracy_gate.parse_args([str(new), str(tmp_path / "missing")])) == 2
