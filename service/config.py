@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from fashion.bounds import parse_bounded
 from fashion.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_PIXELS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -33,30 +34,22 @@ def usable_cpus() -> int:
 
 
 def _int(environ: Mapping[str, str], name: str, default: int, minimum: int, maximum: int | None = None) -> int:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw.replace("_", ""))
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not an integer") from None
-    if value < minimum or (maximum is not None and value > maximum):
-        bounds = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
-        raise ConfigError(f"{name}={value} is out of range: it must be {bounds}")
-    return value
+    return _bounded(environ, name, default, int, minimum=minimum, maximum=maximum)
 
 
 def _float(environ: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+    return _bounded(environ, name, default, float, minimum=minimum)
+
+
+def _bounded(environ: Mapping[str, str], name: str, default: int | float, kind: type, **bounds) -> int | float:
+    """The variable through the project's one bounded-number parser (shared with the training CLI)."""
     raw = environ.get(name, "").strip()
     if not raw:
         return default
     try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
-    if not value >= minimum or value == float("inf"):
-        raise ConfigError(f"{name}={raw} is out of range: it must be a finite number >= {minimum}")
-    return value
+        return parse_bounded(raw, kind, **bounds)
+    except ValueError as error:
+        raise ConfigError(f"{name}={raw!r}: {error}") from None
 
 
 def _bool(environ: Mapping[str, str], name: str, default: bool) -> bool:

@@ -75,12 +75,12 @@ def test_settings_from_values(tmp_path):
 @pytest.mark.parametrize(
     ("environ", "fragment"),
     [
-        ({"PORT": "0"}, "PORT=0 is out of range"),
-        ({"PORT": "1.5"}, "PORT='1.5' is not an integer"),
+        ({"PORT": "0"}, "PORT='0': must be at least 1"),
+        ({"PORT": "1.5"}, "PORT='1.5': '1.5' is not an integer"),
         ({"DEVICE": "gpu"}, "DEVICE='gpu' is not one of auto, cpu, cuda"),
-        ({"MAX_UPLOAD_BYTES": "10"}, "MAX_UPLOAD_BYTES=10 is out of range"),
-        ({"RELOAD_INTERVAL": "-1"}, "RELOAD_INTERVAL=-1"),
-        ({"RELOAD_INTERVAL": "inf"}, "RELOAD_INTERVAL=inf"),
+        ({"MAX_UPLOAD_BYTES": "10"}, "MAX_UPLOAD_BYTES='10': must be at least"),
+        ({"RELOAD_INTERVAL": "-1"}, "RELOAD_INTERVAL='-1': must be a finite number at least 0"),
+        ({"RELOAD_INTERVAL": "inf"}, "RELOAD_INTERVAL='inf': must be a finite number"),
         ({"HOST": "bad host"}, "HOST="),
     ],
 )
