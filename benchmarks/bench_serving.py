@@ -90,7 +90,7 @@ def wrk_parser(description: str, duration: int, connections: list[int]) -> argpa
     """The options of both benchmarks: model and data, server workers, wrk runs, JSON output."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model-dir", type=Path, default=PROJECT_ROOT / "models")
-    parser.add_argument("--data-dir", type=Path, default=PROJECT_ROOT / "data")
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FASHION_DATA") or PROJECT_ROOT / "data"))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--duration", type=int, default=duration, help="seconds per wrk run")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per setting (median reported)")

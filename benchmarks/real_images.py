@@ -11,6 +11,7 @@ preprocessing (service.app.to_inputs) and the bundled model, in process.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from testing.realimages import ENCODINGS  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=PROJECT_ROOT / "models")
-    parser.add_argument("--data-dir", type=Path, default=PROJECT_ROOT / "data")
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FASHION_DATA") or PROJECT_ROOT / "data"))
     parser.add_argument("--images", type=int, default=1000, help="test images per encoding (evenly spaced)")
     return parser.parse_args(argv)
 
