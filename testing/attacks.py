@@ -139,6 +139,29 @@ def probe(url: str, png: bytes, count: int, interval: float, timeout: float = 5.
     return results
 
 
+def bombs_beside_a_normal_client(
+    url: str, bombs: int = 2, normal: int = 5, interval: float = 0.2
+) -> tuple[list[requests.Response], list[float], list[tuple[int | None, float]]]:
+    """``bombs`` copies of ``bomb_request()`` posted at once while ``probe`` sends ``normal`` small requests:
+    (the bombs' responses, their seconds, the normal client's results)."""
+    body, content_type = bomb_request()
+    answers: list[requests.Response] = []
+    elapsed: list[float] = []
+
+    def bomb() -> None:
+        started = time.monotonic()
+        answers.append(requests.post(f"{url}/predict", data=body, headers={"Content-Type": content_type}, timeout=60))
+        elapsed.append(round(time.monotonic() - started, 3))
+
+    threads = [threading.Thread(target=bomb) for _ in range(bombs)]
+    for thread in threads:
+        thread.start()
+    results = probe(url, small_png(), count=normal, interval=interval, timeout=10)
+    for thread in threads:
+        thread.join(90)
+    return answers, elapsed, results
+
+
 def hold_connections(host: str, port: int, count: int, seconds: float = 5.0) -> Counter:
     """Open ``count`` connections from one address at once, send a GET on each, and tally the answers.
 

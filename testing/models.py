@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import requests
 import torch
 
-from fashion.checkpoint import save_checkpoint
-from fashion.contract import NUM_CLASSES, ModelConfig, build_model
+from fashion.checkpoint import load_checkpoint, read_card, save_checkpoint
+from fashion.contract import CLASS_NAMES, NUM_CLASSES, ModelConfig, build_model, pixels_to_input
+from testing.images import png
 
 
 def random_model_dir(path: Path, seed: int = 0, accuracy: float = 0.5) -> Path:
@@ -41,3 +43,30 @@ def known_answer_model_dir(path: Path) -> Path:
 def known_probabilities() -> np.ndarray:
     """softmax([0, 1, ..., 9]) in float32, computed the way torch does."""
     return torch.softmax(torch.arange(NUM_CLASSES, dtype=torch.float32), dim=0).numpy()
+
+
+def offline_probabilities(model_dir: Path, pixels: torch.Tensor) -> torch.Tensor:
+    """The softmax of the checkpoint in ``model_dir`` for uint8 [N, 28, 28] ``pixels``, computed here, not served."""
+    model, _ = load_checkpoint(model_dir)
+    with torch.inference_mode():
+        return torch.softmax(model(pixels_to_input(pixels)), dim=1)
+
+
+def assert_serves_like_offline(url: str, model_dir: Path, pixels: torch.Tensor) -> list[dict]:
+    """POST each image to ``url``/predict as a PNG and require the offline model's probabilities (to 1e-5),
+    its argmax and the checkpoint's sha256 in every answer; returns the answers."""
+    expected = offline_probabilities(model_dir, pixels)
+    sha256 = read_card(model_dir)["weights"]["sha256"]
+    answers = []
+    for i, image in enumerate(pixels):
+        response = requests.post(
+            f"{url}/predict", data=png(image.numpy()), headers={"Content-Type": "image/png"}, timeout=30
+        )
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        probabilities = torch.tensor([answer["probabilities"][name] for name in CLASS_NAMES])
+        assert torch.allclose(probabilities, expected[i], atol=1e-5), (i, probabilities, expected[i])
+        assert answer["class_id"] == int(expected[i].argmax()) and answer["label"] == CLASS_NAMES[answer["class_id"]]
+        assert answer["model"]["sha256"] == sha256
+        answers.append(answer)
+    return answers

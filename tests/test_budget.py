@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import socket
-import threading
 import time
 
 import numpy as np
@@ -27,7 +26,7 @@ from fashion.images import (
     decode_image,
     decode_images,
 )
-from testing.attacks import bomb_request, multipart, probe, small_png
+from testing.attacks import bombs_beside_a_normal_client, multipart
 
 
 def _png(size: tuple[int, int], value: int = 0) -> bytes:
@@ -100,26 +99,18 @@ def test_deadline_stops_decoding_between_images():
 def test_the_bomb_request_gets_a_json_413_while_the_other_worker_keeps_answering(start_gunicorn, bundled_model_dir):
     """The issue's request: 64 PNGs of 7,999 x 7,999 pixels (4 G pixels). Two at once, twice over."""
     server = start_gunicorn(bundled_model_dir, workers=2)
-    body, content_type = bomb_request()
-    answers, elapsed = [], []
-
-    def bomb():
-        started = time.monotonic()
-        answers.append(
-            requests.post(f"{server.url}/predict", data=body, headers={"Content-Type": content_type}, timeout=60)
-        )
-        elapsed.append(time.monotonic() - started)
-
+    deadline = time.monotonic() + 30  # the server answers once one worker is up; wait for the second
+    while len(server.worker_pids()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
     workers_before = sorted(server.worker_pids())
+    assert len(workers_before) == 2
+    answers, elapsed = [], []
     for _round in range(2):
-        threads = [threading.Thread(target=bomb) for _ in range(2)]
-        for thread in threads:
-            thread.start()
-        normal = probe(server.url, small_png(), count=5, interval=0.2, timeout=10)
-        for thread in threads:
-            thread.join(90)
+        bombs, seconds, normal = bombs_beside_a_normal_client(server.url, bombs=2, normal=5, interval=0.2)
+        answers += bombs
+        elapsed += seconds
         assert [status for status, _ in normal] == [200] * 5, normal
-    print(f"bomb answered in {[round(s, 3) for s in elapsed]} s; normal requests meanwhile: {normal}")
+    print(f"bomb answered in {elapsed} s; normal requests meanwhile: {normal}")
     for response in answers:
         assert response.status_code == 413, response.text[:300]
         error = _error(response)

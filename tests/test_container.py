@@ -6,19 +6,16 @@ is published on a free loopback port. The front door's own behaviour is tested i
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import requests
 import torch
-from PIL import Image
 
-from fashion.checkpoint import load_checkpoint, read_card
-from fashion.contract import CLASS_NAMES, pixels_to_input
+from fashion.checkpoint import read_card
+from fashion.contract import CLASS_NAMES
 from testing.containers import (
     BUILD_TIMEOUT_S,
     IMAGE_USER_ID,
@@ -28,6 +25,8 @@ from testing.containers import (
     running_stack,
 )
 from testing.containers import docker as _docker
+from testing.images import png as png_bytes
+from testing.models import assert_serves_like_offline, offline_probabilities
 
 SAMPLES = 16  # real test images posted to the containerised service
 
@@ -42,18 +41,6 @@ def _docker_label(image: str, key: str) -> str:
     return json.loads(_docker("image", "inspect", image))[0]["Config"]["Labels"][f"org.opencontainers.image.{key}"]
 
 
-def _png(pixels) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.numpy(), mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _offline_probabilities(model_dir: Path, pixels) -> torch.Tensor:
-    model, _ = load_checkpoint(model_dir)
-    with torch.inference_mode():
-        return torch.softmax(model(pixels_to_input(pixels)), dim=1)
-
-
 @needs_engine
 def test_compose_api_is_healthy_and_answers_real_images_like_the_offline_model(stack, test_set):
     """The README's quick start: `docker compose up`, then POST to the published port (the proxy)."""
@@ -61,21 +48,8 @@ def test_compose_api_is_healthy_and_answers_real_images_like_the_offline_model(s
         assert _docker("inspect", "-f", "{{.State.Health.Status}}", stack.container_id(service)).strip() == "healthy"
     # The api is reachable only through the proxy.
     assert stack.compose("port", "api", "8000", check=False).stdout.strip() in ("", ":0")
-    pixels, labels = test_set.data[:SAMPLES], test_set.targets[:SAMPLES]
-    expected = _offline_probabilities(stack.models, pixels)
-    card = read_card(stack.models)
-    correct = 0
-    for i in range(SAMPLES):
-        response = requests.post(
-            f"{stack.url}/predict", data=_png(pixels[i]), headers={"Content-Type": "image/png"}, timeout=30
-        )
-        assert response.status_code == 200, response.text
-        answer = response.json()
-        probabilities = torch.tensor([answer["probabilities"][name] for name in CLASS_NAMES])
-        assert torch.allclose(probabilities, expected[i], atol=1e-5), (i, probabilities, expected[i])
-        assert answer["class_id"] == int(expected[i].argmax()) and answer["label"] == CLASS_NAMES[answer["class_id"]]
-        assert answer["model"]["sha256"] == card["weights"]["sha256"]
-        correct += answer["class_id"] == int(labels[i])
+    answers = assert_serves_like_offline(stack.url, stack.models, test_set.data[:SAMPLES])
+    correct = sum(answer["class_id"] == int(label) for answer, label in zip(answers, test_set.targets, strict=False))
     assert correct >= SAMPLES - 3, f"{correct}/{SAMPLES} correct"
 
 
@@ -174,7 +148,7 @@ def test_train_job_writes_a_model_that_the_running_api_then_serves(stack, test_s
     assert not [p.name for p in stack.models.iterdir() if ".tmp-" in p.name]
 
     # The api notices the new card and swaps models without a restart; every worker must get there.
-    png = _png(test_set.data[0])
+    png = png_bytes(test_set.data[0].numpy())
     deadline, streak = time.monotonic() + 60, 0
     while streak < 6:
         assert time.monotonic() < deadline, "the api still serves the old model 60 s after the retrain"
@@ -182,7 +156,7 @@ def test_train_job_writes_a_model_that_the_running_api_then_serves(stack, test_s
         assert answer.status_code == 200, answer.text
         streak = streak + 1 if answer.json()["model"]["sha256"] == card["weights"]["sha256"] else 0
         time.sleep(0.2)
-    expected = _offline_probabilities(stack.models, test_set.data[:1])[0]
+    expected = offline_probabilities(stack.models, test_set.data[:1])[0]
     probabilities = torch.tensor([answer.json()["probabilities"][name] for name in CLASS_NAMES])
     assert torch.allclose(probabilities, expected, atol=1e-5)
 

@@ -31,11 +31,9 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import requests
-import torch
 import yaml
 
 from fashion.checkpoint import read_card
-from fashion.contract import CLASS_NAMES
 from service.config import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -428,7 +426,9 @@ def render_all() -> dict[str, list[dict]]:
 from testing.containers import BUILD_TIMEOUT_S, ENGINE_PROBLEM  # noqa: E402
 from testing.containers import copy_repository as _copy_repository  # noqa: E402
 from testing.containers import torch_index_url as _torch_index_url  # noqa: E402
-from tests.test_container import SAMPLES, _offline_probabilities, _png  # noqa: E402
+from testing.images import png as png_bytes  # noqa: E402
+from testing.models import assert_serves_like_offline  # noqa: E402
+from tests.test_container import SAMPLES  # noqa: E402
 
 API_IMAGE = "docker.io/library/k8s-fashion-mnist-api:test"
 TRAIN_IMAGE = "docker.io/library/k8s-fashion-mnist-train:test"
@@ -538,18 +538,8 @@ def api_pod(images, models, tmp_path_factory):
 @pytest.mark.timeout(PODMAN_TEST_TIMEOUT_S)
 @needs_podman
 def test_deployment_runs_in_podman_kube_play_and_predicts_like_the_offline_model(api_pod, models, test_set):
-    pixels = test_set.data[:SAMPLES]
-    expected = _offline_probabilities(models, pixels)
+    assert_serves_like_offline(api_pod["url"], models, test_set.data[:SAMPLES])
     card = read_card(models)
-    for i in range(SAMPLES):
-        response = requests.post(
-            f"{api_pod['url']}/predict", data=_png(pixels[i]), headers={"Content-Type": "image/png"}, timeout=30
-        )
-        assert response.status_code == 200, response.text
-        answer = response.json()
-        probabilities = torch.tensor([answer["probabilities"][name] for name in CLASS_NAMES])
-        assert torch.allclose(probabilities, expected[i], atol=1e-5), (i, probabilities, expected[i])
-        assert answer["model"]["sha256"] == card["weights"]["sha256"]
     assert requests.get(f"{api_pod['url']}/metrics", timeout=10).status_code == 200
     v2 = requests.get(f"{api_pod['url']}/v2/models/{card['name']}/ready", timeout=10)
     assert v2.status_code == 200
@@ -624,7 +614,7 @@ def test_training_job_pod_writes_a_model_that_the_running_pod_hot_reloads(api_po
     assert card["weights"]["sha256"] != before["weights"]["sha256"] and card["training"]["epochs"] == 1
 
     # The running api pod swaps to the new model by itself; both workers must get there.
-    png = _png(test_set.data[0])
+    png = png_bytes(test_set.data[0].numpy())
     deadline, streak = time.monotonic() + 60, 0
     while streak < 6:
         assert time.monotonic() < deadline, "the pod still serves the old model 60 s after the training pod"

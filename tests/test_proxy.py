@@ -19,7 +19,7 @@ from collections import Counter
 import pytest
 import requests
 
-from testing.attacks import SlowClients, bomb_request, hold_connections, probe, small_png
+from testing.attacks import SlowClients, bombs_beside_a_normal_client, hold_connections, probe, small_png
 from testing.containers import docker, needs_engine, running_stack
 
 REPLICAS = 2
@@ -111,22 +111,7 @@ def test_slow_clients_do_not_hold_workers(stack):
 
 @needs_engine
 def test_the_bomb_request_is_refused_with_json_while_the_service_keeps_answering(stack):
-    body, content_type = bomb_request()
-    answers, elapsed = [], []
-
-    def bomb():
-        started = time.monotonic()
-        answers.append(
-            requests.post(f"{stack.url}/predict", data=body, headers={"Content-Type": content_type}, timeout=60)
-        )
-        elapsed.append(round(time.monotonic() - started, 3))
-
-    threads = [threading.Thread(target=bomb) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    normal = probe(stack.url, small_png(), count=5, interval=0.3, timeout=10)
-    for thread in threads:
-        thread.join(90)
+    answers, elapsed, normal = bombs_beside_a_normal_client(stack.url, bombs=2, normal=5, interval=0.3)
     print(f"bombs answered in {elapsed} s; normal client meanwhile: {normal}")
     assert [status for status, _ in normal] == [200] * 5
     for response in answers:
