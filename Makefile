@@ -44,9 +44,9 @@ test: install-test deploy-lint-tools
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The in-process tests only (no gunicorn, browser, container, GPU or training run): under 30 s.
+# The in-process tests only (no gunicorn, child process, browser, container, GPU or training run).
 test-fast: install-test
-	$(PY) -m pytest -m "not server and not slow and not container and not browser and not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not server and not cli and not slow and not container and not browser and not gpu" $(PYTEST_ARGS)
 
 lint: install-test
 	$(PY) -m ruff check .

@@ -5,9 +5,12 @@ from __future__ import annotations
 import socket
 import subprocess
 
+import pytest
+
 from testing.server import gunicorn_command, server_env
 
 
+@pytest.mark.cli
 def test_a_taken_port_stops_the_server_at_once_with_a_hint(bundled_model_dir):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
         squatter.bind(("127.0.0.1", 0))

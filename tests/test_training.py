@@ -341,6 +341,7 @@ def test_extra_data_is_added_to_the_training_set(tmp_path, data_root, test_set):
 # --------------------------------------------------------------------------- CLI errors (real processes)
 
 
+@pytest.mark.cli
 def test_missing_data_gives_one_clear_message_and_exit_2(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -354,6 +355,7 @@ def test_missing_data_gives_one_clear_message_and_exit_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("download", [[], ["--no-download"]])
 def test_a_data_dir_that_does_not_exist_is_refused_not_created(tmp_path, download):
     missing = tmp_path / "nonexistent"
@@ -364,6 +366,7 @@ def test_a_data_dir_that_does_not_exist_is_refused_not_created(tmp_path, downloa
     assert not missing.exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.cli
 def test_output_dir_that_is_a_file_is_named_as_such(tmp_path, data_root):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -373,6 +376,7 @@ def test_output_dir_that_is_a_file_is_named_as_such(tmp_path, data_root):
     assert "Traceback" not in result.stderr and blocker.read_text() == "not a folder"
 
 
+@pytest.mark.cli
 def test_unwritable_output_dir_fails_before_training(tmp_path, data_root):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -384,6 +388,7 @@ def test_unwritable_output_dir_fails_before_training(tmp_path, data_root):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.cli
 def test_bad_extra_data_fails_before_training(tmp_path, data_root):
     bad = tmp_path / "extra" / "Coat"
     bad.mkdir(parents=True)
@@ -449,6 +454,7 @@ KILLABLE = textwrap.dedent(
 )
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize(
     ("kill_at", "sig"), [(1, signal.SIGKILL), (3, signal.SIGKILL), (4, signal.SIGKILL), (4, signal.SIGINT)]
 )
@@ -515,6 +521,7 @@ KILLED_BETWEEN_RENAMES = textwrap.dedent(
 )
 
 
+@pytest.mark.cli
 def test_training_killed_between_the_two_renames_still_serves_the_old_model(tmp_path, data_root):
     out = tmp_path / "models"
     old_model = build_model(ModelConfig(hidden_sizes=(16,))).eval()
