@@ -282,10 +282,16 @@ def to_fashion_mnist(image: Image.Image, invert: InvertMode = "auto") -> Image.I
     """Any decoded image -> a 28x28 light-on-black grayscale crop like Fashion-MNIST's."""
     if invert not in INVERT_MODES:
         raise ValueError(f"invert must be one of {INVERT_MODES}, got {invert!r}")
-    gray = to_grayscale(image)
+    return fit_to_canvas(inverted_as_asked(to_grayscale(image), invert))
+
+
+def inverted_as_asked(gray: Image.Image, invert: InvertMode) -> Image.Image:
+    """A grayscale image negated when ``invert`` says so ("auto": when its border is light), else as it is.
+
+    The one inversion rule: the general pipeline and the service's path for plain crops both use it."""
     if invert == "true" or (invert == "auto" and has_light_background(gray)):
-        gray = ImageOps.invert(gray)
-    return fit_to_canvas(gray)
+        return ImageOps.invert(gray)
+    return gray
 
 
 def _input_table() -> np.ndarray:
@@ -303,7 +309,13 @@ INPUT_TABLE = _input_table()
 
 def canvases_to_input(canvases: Sequence[Image.Image]) -> torch.Tensor:
     """28x28 grayscale canvases (to_fashion_mnist's output) -> the normalized batch [N, 1, 28, 28]."""
-    return torch.from_numpy(INPUT_TABLE[np.stack([np.asarray(canvas) for canvas in canvases])[:, None]])
+    return pixel_rows_to_input([canvas.tobytes() for canvas in canvases])
+
+
+def pixel_rows_to_input(rows: Sequence[bytes]) -> torch.Tensor:
+    """The 784 bytes of each 28x28 grayscale canvas -> the normalized batch [N, 1, 28, 28], one table lookup."""
+    pixels = np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(len(rows), *INPUT_SHAPE)
+    return torch.from_numpy(INPUT_TABLE[pixels])
 
 
 def preprocess(image: Image.Image, invert: InvertMode = "auto") -> torch.Tensor:

@@ -20,7 +20,6 @@ import zlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from flask import Flask, Response, current_app, has_request_context, request
 from PIL import Image
@@ -28,12 +27,11 @@ from PIL import Image
 from fashion.contract import (
     CLASS_NAMES,
     INPUT_HEIGHT,
-    INPUT_SHAPE,
-    INPUT_TABLE,
     INPUT_WIDTH,
     INVERT_MODES,
     NUM_CLASSES,
-    has_light_background,
+    inverted_as_asked,
+    pixel_rows_to_input,
     to_fashion_mnist,
 )
 from fashion.images import MEDIA_TYPES, ImageError, decode_images
@@ -132,7 +130,6 @@ _INERT_PNG_CHUNKS = frozenset({b"IDAT", b"IEND", b"pHYs", b"gAMA", b"sRGB", b"cH
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # IHDR of a crop: 28x28, bit depth 8, colour type 0 (grayscale), deflate, standard filters, not interlaced.
 _CROP_IHDR = b"\x00\x00\x00\x0dIHDR" + struct.pack(">IIBBBBB", INPUT_WIDTH, INPUT_HEIGHT, 8, 0, 0, 0, 0)
-_INVERTED = bytes(range(255, -1, -1))  # ImageOps.invert's table for 8-bit pixels
 
 
 def decode_crop(data: bytes) -> Image.Image | None:
@@ -185,13 +182,7 @@ def crop_pixels(image: Image.Image, invert: str) -> bytes | None:
         or not _INERT_PNG_INFO.issuperset(image.info)
     ):
         return None
-    return _inverted_as_asked(image, invert)
-
-
-def _inverted_as_asked(crop: Image.Image, invert: str) -> bytes:
-    if invert == "true" or (invert == "auto" and has_light_background(crop)):
-        return crop.tobytes().translate(_INVERTED)
-    return crop.tobytes()
+    return inverted_as_asked(image, invert).tobytes()
 
 
 def request_budget() -> tuple[int | None, float | None]:
@@ -213,12 +204,10 @@ def to_inputs(blobs: list[bytes], invert: str, max_pixels: int) -> torch.Tensor:
     max_request_pixels, deadline = request_budget()
     crops = _plain_crops(blobs, max_request_pixels, deadline)
     if crops is not None:  # the common case: Fashion-MNIST crops as plain PNGs
-        rows = [_inverted_as_asked(crop, invert) for crop in crops]
+        rows = [inverted_as_asked(crop, invert).tobytes() for crop in crops]
     else:
         rows = _general_rows(blobs, invert, max_pixels, max_request_pixels, deadline)
-    # The contract's per-value lookup (INPUT_TABLE, as canvases_to_input uses it) on all pixels at once.
-    pixels = np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(len(rows), *INPUT_SHAPE)
-    return torch.from_numpy(INPUT_TABLE[pixels])
+    return pixel_rows_to_input(rows)
 
 
 def _plain_crops(blobs: list[bytes], max_request_pixels: int | None, deadline: float | None) -> list | None:
