@@ -86,7 +86,7 @@ def our_training(root: Path, device: torch.device, seed: int, bf16: bool | None,
     prepare = time.perf_counter() - started
     config = TrainConfig(seed=seed, bf16=bf16)  # threads and (unless given) precision chosen as the CLI does
     torch.manual_seed(seed)
-    model = build_model(ModelConfig(hidden_sizes=config.hidden_sizes, dropout=config.dropout))
+    model = build_model(config.model_config())
     cpu_started = time.process_time()
     stop_when = (lambda entry: entry["test_accuracy"] >= TARGET) if stop else None
     history = train(model, train_data, test_set, config, device, log=lambda _: None, stop_when=stop_when)
@@ -114,10 +114,7 @@ def forward_costs(repeats: int = 2_000) -> None:
     torch.set_num_threads(1)
     image = torch.randn(1, 1, 28, 28)
     for arch, recipe in RECIPES.items():
-        config = ModelConfig(
-            kind=arch, hidden_sizes=recipe.hidden_sizes, dropout=recipe.dropout, channels=recipe.channels
-        )
-        layers = tuple(build_model(config).eval())
+        layers = tuple(build_model(recipe.model_config()).eval())
         weights = sum(p.numel() for layer in layers for p in layer.parameters())
         times = []
         with torch.inference_mode():
@@ -129,7 +126,8 @@ def forward_costs(repeats: int = 2_000) -> None:
                 torch.softmax(x, dim=1)
                 times.append(time.perf_counter() - started)
         print(
-            f"batch-1 forward, 1 thread, {arch} {config.to_dict()}: {statistics.median(times[100:]) * 1e6:.0f} us "
+            f"batch-1 forward, 1 thread, {arch} {recipe.model_config().to_dict()}: "
+            f"{statistics.median(times[100:]) * 1e6:.0f} us "
             f"(median of {repeats - 100}), {weights:,} weights ({weights * 4 / 1e6:.2f} MB float32)"
         )
     torch.set_num_threads(threads)

@@ -308,7 +308,7 @@ def test_service_hpa_pdb_networkpolicy_and_ingress_fit_the_deployment(rendered):
     # The worker answers (JSON) before the ingress gives up on it (HTML 504).
     assert int(annotations["proxy-read-timeout"]) == int(annotations["proxy-send-timeout"]) > Settings.timeout
     proxy_defaults = (REPO / "proxy" / "entrypoint.sh").read_text()
-    assert f'PROXY_CONN_PER_IP:={annotations["limit-connections"]}}}' in proxy_defaults
+    assert f"PROXY_CONN_PER_IP:={annotations['limit-connections']}}}" in proxy_defaults
     backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
     service = _by_kind(objects, "Service")
     assert backend["name"] == service["metadata"]["name"]

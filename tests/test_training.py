@@ -389,6 +389,17 @@ def test_unwritable_output_dir_fails_before_training(tmp_path, data_root):
 
 
 @pytest.mark.cli
+def test_init_from_takes_the_loaded_models_family_and_refuses_another(tmp_path, bundled_model_dir, data_root):
+    result = run_cli(
+        "--data-dir", str(data_root), "--no-download", "--arch", "cnn", "--init-from", str(bundled_model_dir),
+        "--output-dir", str(tmp_path / "out"), timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "the model in" in result.stderr and "is a mlp" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.cli
 def test_bad_extra_data_fails_before_training(tmp_path, data_root):
     bad = tmp_path / "extra" / "Coat"
     bad.mkdir(parents=True)

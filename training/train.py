@@ -83,6 +83,10 @@ class TrainConfig:
     schedule: str = field(default="OneCycleLR(max_lr=lr, cosine anneal, 30% warm-up), stepped per batch")
     calibration: dict | None = None
 
+    def model_config(self) -> ModelConfig:
+        """The architecture this recipe trains, as the card records it and build_model builds it."""
+        return ModelConfig(kind=self.arch, hidden_sizes=self.hidden_sizes, dropout=self.dropout, channels=self.channels)
+
 
 RECIPES: dict[str, TrainConfig] = {
     "mlp": TrainConfig(),
@@ -149,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the Fashion-MNIST classifier and write model.safetensors + model.json (+ plots).",
     )
     recipe = parser.add_argument_group("recipe (defaults depend on --arch)")
-    parser.add_argument("--arch", choices=ARCHITECTURES, default="mlp", help="model family (default mlp)")
+    parser.add_argument(
+        "--arch", choices=ARCHITECTURES, help="model family (default mlp; with --init-from, the loaded model's)"
+    )
     recipe.add_argument("--epochs", type=_positive_int, help=_recipe_help("passes over the training set", "epochs"))
     recipe.add_argument("--batch-size", type=_positive_int, help=_recipe_help("images per step", "batch_size"))
     recipe.add_argument("--lr", type=_positive_float, help=_recipe_help("peak learning rate of the schedule", "lr"))
@@ -249,7 +255,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--freeze needs --init-from MODEL_DIR (there is nothing to freeze in a fresh model)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if args.arch == "mlp" and args.channels:
+    if args.arch in (None, "mlp") and args.channels and args.init_from is None:
         parser.error("--channels is for --arch cnn; an MLP has no convolutions")
     return args
 
@@ -258,7 +264,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The recipe of ``--arch``, with every option given on the command line in its place."""
     given = {name: getattr(args, name) for name in RECIPE_OPTIONS if getattr(args, name) is not None}
     return replace(
-        RECIPES[args.arch],
+        RECIPES[args.arch or "mlp"],
         **given,
         bf16=args.bf16,
         threads=args.threads,
@@ -755,13 +761,16 @@ def main(args: argparse.Namespace) -> int:
             print(f"error: --init-from {args.init_from}: {error}", file=sys.stderr)
             return 2
         model_config = ModelConfig.from_dict(base_card["architecture"])
+        if args.arch not in (None, model_config.kind):
+            print(f"error: --arch {args.arch}: the model in {args.init_from} is a {model_config.kind}", file=sys.stderr)
+            return 2
+        # The loaded model's family decides the recipe (a CNN is fine-tuned with the CNN's), options on top.
+        config = config_from_args(argparse.Namespace(**{**vars(args), "arch": model_config.kind}))
         init_from = {"folder": str(args.init_from), "weights_sha256": base_card["weights"]["sha256"]}
         if args.freeze:
             freeze_all_but_last(model)
     else:
-        model_config = ModelConfig(
-            kind=config.arch, hidden_sizes=config.hidden_sizes, dropout=config.dropout, channels=config.channels
-        )
+        model_config = config.model_config()
         model = build_model(model_config)
     config.arch, config.hidden_sizes = model_config.kind, model_config.hidden_sizes
     config.dropout, config.channels = model_config.dropout, model_config.channels
