@@ -39,9 +39,7 @@ serve: install
 train: install-test
 	$(PY) -m training --output-dir runs/$$(date -u +%Y%m%d-%H%M%S) $(ARGS)
 
-test: install-test deploy-lint-tools
-	$(PY) -m ruff check .
-	$(PY) -m ruff format --check .
+test: lint deploy-lint-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The in-process tests only (no gunicorn, child process, browser, container, GPU or training run).
