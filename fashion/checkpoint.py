@@ -29,6 +29,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from fashion.contract import ModelConfig, build_model, contract_summary
+from fashion.trust import DETECTOR_PREFIX, Judge, TrustConfig, build_detector, split_state
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
@@ -90,11 +91,18 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(model: nn.Module, card: dict, output_dir: str | os.PathLike) -> dict:
-    """Atomically write weights and card into ``output_dir``; return the card as written."""
+def save_checkpoint(
+    model: nn.Module, card: dict, output_dir: str | os.PathLike, detector: nn.Module | None = None
+) -> dict:
+    """Atomically write weights (with the not-a-garment ``detector``'s, if any) and card into
+    ``output_dir``; return the card as written."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    if detector is not None:
+        tensors.update(
+            {DETECTOR_PREFIX + name: t.detach().to("cpu").contiguous() for name, t in detector.state_dict().items()}
+        )
     weights = save_safetensors(tensors, metadata={"format": "pt"})
     card = {
         "format": CARD_FORMAT,
@@ -167,6 +175,13 @@ def load_checkpoint(model_dir: str | os.PathLike, device: str | torch.device = "
     input size or normalization differ from the shared contract, or whose architecture the
     weights do not fit.
     """
+    model, card, _ = load_judged(model_dir, device)
+    return model, card
+
+
+def load_judged(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict, Judge]:
+    """load_checkpoint, plus the Judge (fashion.trust) that the card's trust section and the
+    detector's weights make; a card and weights that disagree about the detector are refused too."""
     model_dir = Path(model_dir)
     card = read_card(model_dir)
     weights_info = card.get("weights")
@@ -197,10 +212,31 @@ def load_checkpoint(model_dir: str | os.PathLike, device: str | torch.device = "
         state = load_safetensors(weights)
     except Exception as error:
         raise CheckpointError(f"the weights file is not valid safetensors: {error}") from None
+    state, detector_state = split_state(state)
     model = build_model(config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         first = str(error).splitlines()[0:2]
         raise CheckpointError(f"the weights do not fit the card's architecture: {' '.join(first)}") from None
-    return model.to(device).eval(), card
+    return model.to(device).eval(), card, _judge(card, detector_state).to(torch.device(device))
+
+
+def _judge(card: dict, detector_state: dict) -> Judge:
+    try:
+        trust = TrustConfig.from_card(card)
+    except (TypeError, ValueError, KeyError) as error:
+        raise CheckpointError(f"the card's trust section is invalid: {error}") from None
+    if trust.detector_hidden is None:
+        if detector_state:
+            raise CheckpointError("the weights hold a detector that the card's trust section does not describe")
+        return Judge(trust)
+    detector = build_detector(trust.detector_hidden)
+    try:
+        detector.load_state_dict(detector_state, strict=True)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0:2]
+        raise CheckpointError(
+            f"the detector's weights do not fit the card's trust section: {' '.join(first)}"
+        ) from None
+    return Judge(trust, detector)

@@ -38,6 +38,7 @@ from service.web import (
     prediction_json,
     read_images,
     to_inputs,
+    verdict_json,
 )
 
 log = logging.getLogger(__name__)
@@ -128,13 +129,15 @@ def register_routes(app: Flask, settings: Settings, runner: ModelRunner) -> None
         req = request._get_current_object()  # one context lookup instead of one per attribute
         top_k, invert = parse_options(req.args)
         blobs, batch = read_images(max_batch)
-        rows = runner.predict(model, to_inputs(blobs, invert, max_pixels)).tolist()
+        verdicts = runner.predict(model, to_inputs(blobs, invert, max_pixels))
+        rows, reasons = verdicts.probabilities.tolist(), verdicts.reasons
+        trust = list(map(verdict_json, verdicts.calibrated.tolist(), reasons))
         if batch:
-            answers = [prediction_json(row, top_k) for row in rows]
+            answers = [prediction_json(row, top_k, verdict=verdict) for row, verdict in zip(rows, trust, strict=True)]
             req.label = [CLASS_NAMES[class_id] for _, class_id in answers]
             texts = ",".join(text for text, _ in answers)
             return json_text_response(f'{{"predictions":[{texts}],"model":{model.identity_json}}}')
-        text, class_id = prediction_json(rows[0], top_k, f',"model":{model.identity_json}')
+        text, class_id = prediction_json(rows[0], top_k, f',"model":{model.identity_json}', trust[0])
         req.label = CLASS_NAMES[class_id]
         return json_text_response(text)
 

@@ -25,11 +25,11 @@ import os
 from typing import Any
 
 import numpy as np
-import torch
 from flask import Flask, Response
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from fashion.contract import CLASS_NAMES, NUM_CLASSES
+from fashion.trust import REASONS, Verdicts
 from service.multiprocess import MULTIPROC_ENV
 from service.web import runner_of
 
@@ -77,6 +77,12 @@ class Metrics:
             ["class_id", "label"],
             registry=registry,
         )
+        self.uncertain = Counter(
+            "fashion_uncertain_predictions",
+            "Answers flagged uncertain, by reason (not_a_garment, low_confidence): a rising share is the drift signal.",
+            ["reason"],
+            registry=registry,
+        )
         self.confidence = Histogram(
             "fashion_prediction_confidence",
             "Probability of the predicted class; a shift to the left is a sign of drifting inputs.",
@@ -111,6 +117,7 @@ class Metrics:
         )
         # Children are created once; a labels() call per observation would cost a lock and a dict lookup.
         self._class_counters = [self.predictions.labels(str(i), name) for i, name in enumerate(CLASS_NAMES)]
+        self._uncertain_counters = {reason: self.uncertain.labels(reason) for reason in REASONS}
         self._request_children: dict[tuple, Any] = {}
         self._latency_children: dict[tuple, Any] = {}
         self._model_seen: Any = None
@@ -118,9 +125,13 @@ class Metrics:
 
     # ------------------------------------------------------------------ inference
 
-    def observe_prediction(self, probabilities: torch.Tensor, seconds: float) -> None:
-        """Record one forward pass: its time, batch size, each row's argmax and that row's confidence."""
+    def observe_prediction(self, verdicts: Verdicts, seconds: float) -> None:
+        """Record one forward pass: its time, batch size, each row's argmax and confidence, and the uncertain ones."""
         self.inference_seconds.observe(seconds)
+        probabilities = verdicts.probabilities
+        for reason in verdicts.reasons:
+            if reason is not None:
+                self._uncertain_counters[reason].inc()
         count = len(probabilities)
         self.batch_size.observe(count)
         if count == 1:  # the common case, without numpy's per-call overhead

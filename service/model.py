@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fashion.checkpoint import CARD_FILE, WEIGHTS_FILE, CheckpointError, load_checkpoint
+from fashion.checkpoint import CARD_FILE, WEIGHTS_FILE, CheckpointError, load_judged
 from fashion.contract import INPUT_SHAPE, NUM_CLASSES
+from fashion.trust import Judge, Verdicts
 from service.web import ServiceError
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class LoadedModel:
     card: dict
     device: torch.device
     signature: tuple | None
+    judge: Judge = None  # calibration and the not-a-garment detector (fashion.trust); neutral when None
     load_seconds: float = 0.0  # read + verify + warm-up; exported as fashion_model_load_seconds
 
     @property
@@ -62,16 +64,19 @@ class LoadedModel:
         return self.sha256[:12]
 
     def __post_init__(self) -> None:
+        if self.judge is None:
+            object.__setattr__(self, "judge", Judge.neutral())
         # build_model returns an nn.Sequential; its layers are called one by one in predict.
         object.__setattr__(self, "layers", tuple(self.model) if isinstance(self.model, nn.Sequential) else None)
         # {"name", "version", "sha256"} as JSON, in every answer: written once per model, not per request.
         identity = {"name": self.card.get("name"), "version": self.version, "sha256": self.sha256}
         object.__setattr__(self, "identity_json", json.dumps(identity, separators=(",", ":")))
 
-    def predict(self, batch: torch.Tensor) -> torch.Tensor:
-        """[N, 1, 28, 28] normalized float inputs -> [N, 10] softmax probabilities on the CPU."""
+    def predict(self, batch: torch.Tensor) -> Verdicts:
+        """[N, 1, 28, 28] normalized float inputs -> the [N, 10] softmax probabilities on the CPU, with
+        each row's calibrated confidence and, when it should not be trusted, why (fashion.trust)."""
         with torch.inference_mode():
-            x = batch.to(self.device, non_blocking=True)
+            inputs = x = batch.to(self.device, non_blocking=True)
             if self.layers is None:
                 x = self.model(x)
             else:
@@ -79,7 +84,7 @@ class LoadedModel:
                 # about as much as the arithmetic itself for one 28x28 image. Same ops, same result.
                 for layer in self.layers:
                     x = layer.forward(x)
-            return torch.softmax(x, dim=1).cpu()
+            return self.judge.judge(inputs, x)
 
 
 class ModelRunner:
@@ -93,7 +98,7 @@ class ModelRunner:
         self.reason = "the model has not been loaded yet"
         self._failed_signature: tuple | None = None
         self._next_check = 0.0
-        # Called with (probabilities, seconds) after every prediction; service.metrics sets it.
+        # Called with (verdicts, seconds) after every prediction; service.metrics sets it.
         self.observer: Callable[[torch.Tensor, float], None] | None = None
         # Under a threaded server (``flask run``, the test client in threads) only one thread loads;
         # the others keep serving the current model.
@@ -109,15 +114,16 @@ class ModelRunner:
             raise ServiceError(503, "model_not_ready", self.reason)
         return current
 
-    def predict(self, model: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
-        """``model``'s [N, 10] probabilities for ``batch``, reported to ``observer`` (the metrics) with
+    def predict(self, model: LoadedModel, batch: torch.Tensor) -> Verdicts:
+        """``model``'s verdicts (probabilities, calibrated confidence, reasons) for ``batch``, reported to
+        ``observer`` (the metrics) with
         the seconds the forward pass took. ``model`` is the one ``require`` gave the request, so a
         swap in between cannot answer with one model and label the answer with another."""
         started = time.perf_counter()
-        probabilities = model.predict(batch)
+        verdicts = model.predict(batch)
         if self.observer is not None:
-            self.observer(probabilities, time.perf_counter() - started)
-        return probabilities
+            self.observer(verdicts, time.perf_counter() - started)
+        return verdicts
 
     # ------------------------------------------------------------------ loading
 
@@ -130,8 +136,8 @@ class ModelRunner:
         signature = _files_signature(self.model_dir)
         started = time.perf_counter()
         try:
-            model, card = load_checkpoint(self.model_dir, self.device)
-            loaded = LoadedModel(model=model, card=card, device=self.device, signature=signature)
+            model, card, judge = load_judged(self.model_dir, self.device)
+            loaded = LoadedModel(model=model, card=card, device=self.device, signature=signature, judge=judge)
             self._warm_up(loaded)
             loaded = replace(loaded, load_seconds=time.perf_counter() - started)
         except CheckpointError as error:
@@ -161,7 +167,7 @@ class ModelRunner:
     @staticmethod
     def _warm_up(loaded: LoadedModel) -> None:
         """One forward before serving: first-call allocations and kernel selection happen here."""
-        probabilities = loaded.predict(torch.zeros((2, *INPUT_SHAPE)))
+        probabilities = loaded.predict(torch.zeros((2, *INPUT_SHAPE))).probabilities
         if probabilities.shape != (2, NUM_CLASSES) or not torch.isfinite(probabilities).all():
             raise CheckpointError("the warm-up forward did not produce finite probabilities")
 

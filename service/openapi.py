@@ -22,6 +22,7 @@ from PIL import Image
 
 from fashion.checkpoint import MODEL_NAME
 from fashion.contract import CLASS_NAMES, INPUT_HEIGHT, INPUT_SHAPE, INPUT_WIDTH, INVERT_MODES, MEAN, NUM_CLASSES, STD
+from fashion.trust import REASONS
 from service import v2
 from service.web import DOCUMENTED_IMAGE_TYPES, runner_of
 
@@ -61,11 +62,26 @@ def _schemas() -> dict[str, Any]:
     }
     prediction = {
         "type": "object",
-        "required": ["label", "class_id", "confidence", "probabilities"],
+        "required": ["label", "class_id", "confidence", "calibrated_confidence", "uncertain", "probabilities"],
         "properties": {
             "label": label,
             "class_id": class_id,
             "confidence": probability,
+            "calibrated_confidence": {
+                **probability,
+                "description": "The label's probability after temperature scaling (the card's trust section): "
+                "of answers with calibrated confidence 0.8, about 80% are right.",
+            },
+            "uncertain": {
+                "type": "boolean",
+                "description": "True when the answer should not be trusted; 'reason' then says why.",
+            },
+            "reason": {
+                "type": "string",
+                "enum": list(REASONS),
+                "description": "Present when uncertain: not_a_garment (the detector says the image is not "
+                "clothing) or low_confidence (a garment, but the calibrated confidence is low).",
+            },
             "probabilities": {
                 "type": "object",
                 "description": "Softmax probability of every class (they sum to 1).",
@@ -210,7 +226,7 @@ def _schemas() -> dict[str, Any]:
                         "properties": {
                             "name": {"type": "string", "enum": [spec["name"] for spec in v2.MODEL_OUTPUTS]},
                             "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                            "datatype": {"type": "string", "enum": ["FP32", "BYTES"]},
+                            "datatype": {"type": "string", "enum": ["FP32", "BYTES", "BOOL"]},
                             "parameters": _ref("V2Parameters"),
                             "data": _ref("V2TensorData"),
                         },

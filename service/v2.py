@@ -49,6 +49,7 @@ INPUT_TENSOR = "input"
 IMAGE_TENSOR = "image"
 PROBABILITIES = "probabilities"
 LABEL = "label"
+UNCERTAIN = "uncertain"  # fashion.trust: true when the answer should not be trusted (not a garment, low confidence)
 
 # Element sizes in bytes of the protocol's fixed-size data types (BYTES is variable).
 DATATYPE_SIZES = {
@@ -77,6 +78,7 @@ MODEL_INPUTS = (
 MODEL_OUTPUTS = (
     {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, NUM_CLASSES]},
     {"name": LABEL, "datatype": "BYTES", "shape": [-1]},
+    {"name": UNCERTAIN, "datatype": "BOOL", "shape": [-1]},
 )
 _LABELS = np.array([name.encode() for name in CLASS_NAMES], dtype=object)
 
@@ -395,7 +397,9 @@ def select_outputs(request: InferRequest) -> list[RequestedOutput]:
     selected = []
     for output in wanted:
         if output.name not in known:
-            raise V2Error(f"unknown output '{output.name}'; the model produces '{PROBABILITIES}' and '{LABEL}'")
+            raise V2Error(
+                f"unknown output '{output.name}'; the model produces '{PROBABILITIES}', '{LABEL}' and '{UNCERTAIN}'"
+            )
         if output.classification:
             if output.name != PROBABILITIES:
                 raise V2Error(f"classification applies to output '{PROBABILITIES}', not '{output.name}'")
@@ -407,12 +411,15 @@ def select_outputs(request: InferRequest) -> list[RequestedOutput]:
 
 
 def output_tensors(
-    probabilities: np.ndarray, outputs: list[RequestedOutput]
+    probabilities: np.ndarray, outputs: list[RequestedOutput], uncertain: np.ndarray | None = None
 ) -> list[tuple[RequestedOutput, str, np.ndarray]]:
-    """[N, 10] probabilities -> (output, datatype, array) for each requested output."""
+    """[N, 10] probabilities (and [N] uncertain flags) -> (output, datatype, array) for each requested output."""
     tensors = []
     for output in outputs:
-        if output.name == LABEL:
+        if output.name == UNCERTAIN:
+            flags = np.zeros(len(probabilities), dtype=bool) if uncertain is None else uncertain
+            tensors.append((output, "BOOL", flags))
+        elif output.name == LABEL:
             tensors.append((output, "BYTES", _LABELS[probabilities.argmax(axis=1)]))
         elif output.classification:
             tensors.append((output, "BYTES", classification_strings(probabilities, output.classification)))
@@ -432,7 +439,12 @@ def encode_response(
     for output, datatype, array in tensors:
         entry: dict[str, Any] = {"name": output.name, "datatype": datatype, "shape": list(array.shape)}
         if output.binary:
-            chunk = serialize_bytes(array.ravel()) if datatype == "BYTES" else array.astype("<f4").tobytes()
+            if datatype == "BYTES":
+                chunk = serialize_bytes(array.ravel())
+            elif datatype == "BOOL":  # one byte per element, as the protocol's binary extension says
+                chunk = array.astype(np.bool_).tobytes()
+            else:
+                chunk = array.astype("<f4").tobytes()
             entry["parameters"] = {"binary_data_size": len(chunk)}
             chunks.append(chunk)
         elif datatype == "BYTES":

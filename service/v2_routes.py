@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zlib
 
+import numpy as np
 from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
@@ -107,11 +108,13 @@ def create_blueprint() -> Blueprint:
             raise V2Error(f"parameter 'invert' must be one of {', '.join(INVERT_MODES)}")
         outputs = select_outputs(infer_request)
         batch = model_batch(infer_request, settings.max_batch, settings.max_image_pixels, invert)
-        probabilities = runner_of(current_app).predict(model, batch).numpy()
+        verdicts = runner_of(current_app).predict(model, batch)
+        probabilities = verdicts.probabilities.numpy()
+        uncertain = np.array([reason is not None for reason in verdicts.reasons], dtype=bool)
         labels = [CLASS_NAMES[i] for i in probabilities.argmax(axis=1).tolist()]
         request.label = labels[0] if len(labels) == 1 else labels  # for the app's access log line
         body, header_length = encode_response(
-            output_tensors(probabilities, outputs), name, model.version, infer_request.id
+            output_tensors(probabilities, outputs, uncertain), name, model.version, infer_request.id
         )
         return encode_http(body, header_length)
 

@@ -259,12 +259,21 @@ _LABELS_JSON = [json.dumps(name) for name in CLASS_NAMES]
 _PROBABILITY_KEYS = [f"{label}:" for label in _LABELS_JSON]
 
 
-def prediction_json(probabilities: list[float], top_k: int, tail: str = "") -> tuple[str, int]:
-    """One row of probabilities -> (the JSON text of its answer, the class id);
-    ``tail`` (``,"name":value`` text) is added as the object's last members.
+def verdict_json(calibrated: float, reason: str | None) -> str:
+    """``,"calibrated_confidence":c,"uncertain":false`` (or ``true,"reason":...``): how far to trust an answer."""
+    if reason is None:
+        return f',"calibrated_confidence":{calibrated!r},"uncertain":false'
+    return f',"calibrated_confidence":{calibrated!r},"uncertain":true,"reason":"{reason}"'
 
-    The object: ``label``, ``class_id``, ``confidence`` (the label's probability),
-    ``probabilities`` (class name -> probability, in class order) and, with ``top_k``, the ``top_k``
+
+def prediction_json(probabilities: list[float], top_k: int, tail: str = "", verdict: str = "") -> tuple[str, int]:
+    """One row of probabilities -> (the JSON text of its answer, the class id);
+    ``verdict`` (verdict_json's text) follows ``confidence``; ``tail`` (``,"name":value`` text) is
+    added as the object's last members.
+
+    The object: ``label``, ``class_id``, ``confidence`` (the label's probability), the verdict
+    (``calibrated_confidence``, ``uncertain`` and, when uncertain, ``reason``), ``probabilities``
+    (class name -> probability, in class order) and, with ``top_k``, the ``top_k``
     best as ``{label, class_id, probability}``. Written directly rather than built as a dict and
     serialised, in a fraction of the time; floats are written by ``repr``, as json.dumps writes
     them, so the text is what json.dumps would give (a test compares them).
@@ -273,7 +282,7 @@ def prediction_json(probabilities: list[float], top_k: int, tail: str = "") -> t
     members = ",".join(map(str.__add__, _PROBABILITY_KEYS, map(repr, probabilities)))
     text = (
         f'{{"label":{_LABELS_JSON[class_id]},"class_id":{class_id},'
-        f'"confidence":{probabilities[class_id]!r},"probabilities":{{{members}}}'
+        f'"confidence":{probabilities[class_id]!r}{verdict},"probabilities":{{{members}}}'
     )
     if top_k:
         order = sorted(range(NUM_CLASSES), key=probabilities.__getitem__, reverse=True)[:top_k]

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fashion.checkpoint import MODEL_NAME, load_checkpoint
 from fashion.contract import CLASS_NAMES, NUM_CLASSES
+from fashion.trust import LOW_CONFIDENCE, NOT_A_GARMENT, Verdicts
 from service import metrics as service_metrics
 from service import multiprocess
 from testing.images import png
@@ -45,9 +46,13 @@ def test_predictions_are_counted_by_class_with_their_confidence(in_process):
     probabilities = np.full((5, NUM_CLASSES), 0.01, dtype=np.float32)
     for row, (class_id, confidence) in enumerate([(9, 0.91), (9, 0.55), (0, 0.91), (3, 0.3), (9, 0.99)]):
         probabilities[row, class_id] = confidence
-    metrics.observe_prediction(torch.from_numpy(probabilities), 0.002)
-    metrics.observe_prediction(torch.from_numpy(probabilities[:1]), 0.0001)
+    reasons = [None, LOW_CONFIDENCE, None, NOT_A_GARMENT, None]
+    calibrated = torch.from_numpy(probabilities.max(axis=1))
+    metrics.observe_prediction(Verdicts(torch.from_numpy(probabilities), calibrated, reasons), 0.002)
+    metrics.observe_prediction(Verdicts(torch.from_numpy(probabilities[:1]), calibrated[:1], reasons[:1]), 0.0001)
     text = metrics.exposition().decode()
+    assert value(text, "fashion_uncertain_predictions_total", reason="not_a_garment") == 1
+    assert value(text, "fashion_uncertain_predictions_total", reason="low_confidence") == 1
     assert value(text, "fashion_predictions_total", label="Ankle boot", class_id="9") == 4
     assert value(text, "fashion_predictions_total", label="T-shirt/top") == 1
     assert value(text, "fashion_predictions_total", label="Dress") == 1

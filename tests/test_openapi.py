@@ -78,7 +78,7 @@ def test_the_examples_in_the_document_are_answered_as_documented(app, spec):
     for example in examples.values():
         answer = client.post("/v2/models/fashion-mnist/infer", json=example["value"])
         assert answer.status_code == 200, answer.json
-        assert {output["name"] for output in answer.json["outputs"]} <= {"probabilities", "label"}
+        assert {output["name"] for output in answer.json["outputs"]} <= {"probabilities", "label", "uncertain"}
 
 
 @pytest.fixture(scope="module")

@@ -456,8 +456,11 @@ def test_versioned_infer_url_and_binary_output_by_request_parameter(server, imag
     assert sizes[0] == 2 * NUM_CLASSES * 4 and length + sum(sizes) == len(answer.content)
     tail = answer.content[length:]
     probabilities = np.frombuffer(tail[: sizes[0]], dtype="<f4").reshape(2, NUM_CLASSES)
-    labels = v2.deserialize_bytes(tail[sizes[0] :])
+    labels = v2.deserialize_bytes(tail[sizes[0] : sizes[0] + sizes[1]])
     assert [label.decode() for label in labels] == [CLASS_NAMES[i] for i in probabilities.argmax(1)]
+    assert [output["name"] for output in header["outputs"]] == ["probabilities", "label", "uncertain"]
+    uncertain = np.frombuffer(tail[sizes[0] + sizes[1] :], dtype=np.bool_)  # BOOL: one byte per element
+    assert header["outputs"][2]["datatype"] == "BOOL" and uncertain.shape == (2,)
 
 
 def test_known_answer_through_v2(tmp_path):

@@ -32,6 +32,7 @@ from fashion.checkpoint import (
     write_file_atomically,
 )
 from fashion.contract import ARCHITECTURES, CLASS_NAMES, NUM_CLASSES, ModelConfig, build_model, pixels_to_input
+from fashion.heldout import held_out_indices, training_indices
 from training.data import (
     DEBIAN_DIR,
     DataError,
@@ -43,6 +44,7 @@ from training.data import (
     ensure_fashion_mnist,
     file_checksums,
 )
+from training.trust import fit_trust
 
 CURVES_FILE = "training-curves.png"
 CONFUSION_FILE = "confusion-matrix.png"
@@ -229,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--debian-dir", type=Path, default=DEBIAN_DIR, help="where the dataset-fashion-mnist package keeps its files"
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument(
+        "--trust",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fit the temperature and the not-a-garment detector after training (about 15 s; default: on)",
+    )
     return parser
 
 
@@ -623,7 +631,9 @@ def plot_files(history: list[dict], confusion: torch.Tensor) -> dict[str, bytes]
     return {CURVES_FILE: curves, CONFUSION_FILE: matrix_png}
 
 
-def write_outputs(model: nn.Module, card: dict, output_dir: Path, plots: dict[str, bytes]) -> dict:
+def write_outputs(
+    model: nn.Module, card: dict, output_dir: Path, plots: dict[str, bytes], detector: nn.Module | None = None
+) -> dict:
     """Plots first, then weights, then the card that names all of them; every file via temp + fsync + rename.
 
     A crash leaves each final name either the old or the new complete file; the card, written
@@ -633,7 +643,17 @@ def write_outputs(model: nn.Module, card: dict, output_dir: Path, plots: dict[st
     card = {**card, "plots": {name: sha256_bytes(data) for name, data in plots.items()}}
     for name, data in plots.items():
         write_file_atomically(output_dir / name, data)
-    return save_checkpoint(model, card, output_dir)
+    return save_checkpoint(model, card, output_dir, detector=detector)
+
+
+def split_training_set(train_set: FastFashionMNIST) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs to learn from, (validation inputs, labels)): the held-out split (fashion.heldout) kept apart."""
+    probe, calibration = held_out_indices(train_set.targets)
+    validation = torch.cat([probe, calibration])
+    return train_set.inputs[training_indices(train_set.targets)], (
+        train_set.inputs[validation],
+        train_set.targets[validation],
+    )
 
 
 def build_card(
@@ -742,6 +762,12 @@ def main(args: argparse.Namespace) -> int:
         "train_images": len(train_set),
         "test_images": len(test_set),
     }
+    # The held-out split (probe + calibration) is never learned from: the model is judged and calibrated on it.
+    _, validation = split_training_set(train_set)
+    kept = training_indices(train_set.targets)
+    train_set.inputs, train_set.target_vectors = train_set.inputs[kept], train_set.target_vectors[kept]
+    data["train_images"] = len(kept)
+    data["held_out_images"] = len(validation[1])
     parts = [train_set]
     if config.limit_train is not None and config.limit_train < len(train_set):
         train_set.inputs = train_set.inputs[: config.limit_train]
@@ -784,6 +810,16 @@ def main(args: argparse.Namespace) -> int:
     history = train(model, train_data, test_set, config, device, log=lambda line: print(line, file=sys.stderr))
     wall_time = time.perf_counter() - started
     accuracy, loss, confusion = evaluate(model, test_set.inputs, test_set.targets.to(device))
+    detector, trust = None, None
+    if args.trust:
+        detector, trust = fit_trust(
+            model,
+            train_set.inputs.cpu(),
+            validation,
+            (test_set.inputs.cpu(), test_set.targets),
+            seed=config.seed,
+            log=lambda line: print(line, file=sys.stderr),
+        )
     card = build_card(
         config=config,
         model_config=model_config,
@@ -799,7 +835,9 @@ def main(args: argparse.Namespace) -> int:
     )
     plots = {} if args.no_plots else plot_files(history, confusion)
     try:
-        written = write_outputs(model.cpu(), card, args.output_dir, plots)
+        if trust is not None:
+            card["trust"] = trust
+        written = write_outputs(model.cpu(), card, args.output_dir, plots, detector)
     except OSError as error:
         print(f"error: cannot write the model to {args.output_dir}: {error}", file=sys.stderr)
         return 1
