@@ -45,10 +45,11 @@ from benchmarks.bench_serving import (  # noqa: E402
     write_bodies,
     wrk_parser,
 )
-from fashion.checkpoint import MODEL_NAME, save_checkpoint  # noqa: E402
+from fashion.checkpoint import MODEL_NAME  # noqa: E402
 from fashion.contract import ModelConfig, build_model, pixels_to_input  # noqa: E402
 from service.v2 import HEADER_LENGTH  # noqa: E402
 from testing.images import png  # noqa: E402
+from testing.models import TOY_MODEL_ENV, save_model  # noqa: E402
 from testing.server import start_server  # noqa: E402
 
 INFER_PATH = f"/v2/models/{MODEL_NAME}/infer"
@@ -160,7 +161,7 @@ def handler_cost_us(model_dir: Path, bodies: dict, rounds: int = 5, requests_per
     thread; the fastest round), which a loaded machine disturbs far less than wrk's throughput."""
     from service.app import create_app
 
-    app = create_app({"MODEL_DIR": str(model_dir), "ACCESS_LOG": "false", "TORCH_THREADS": "1"})
+    app = create_app({"MODEL_DIR": str(model_dir), "ACCESS_LOG": "false", "TORCH_THREADS": "1", **TOY_MODEL_ENV})
     client = app.test_client()
     costs = {}
     for name, (path, directory) in bodies.items():
@@ -190,7 +191,7 @@ def model_dir_for(args, work: Path) -> tuple[Path, str]:
     # No trained model yet: the default architecture with random weights costs the same to run.
     torch.manual_seed(0)
     config = ModelConfig()
-    save_checkpoint(build_model(config), {"architecture": config.to_dict()}, work / "model")
+    save_model(build_model(config), {"architecture": config.to_dict()}, work / "model")
     return work / "model", f"random weights, default architecture {config.hidden_sizes} (no model in {args.model_dir})"
 
 
@@ -216,7 +217,9 @@ def main(args: argparse.Namespace) -> dict:
     }  # fmt: skip
 
     results: dict = {"workers": args.workers, "duration_s": args.duration, "repeats": args.repeats, "model": model_note}
-    service = start_server(model_dir, workers=args.workers, log_dir=work)  # the defaults: access log, metrics
+    # The defaults: access log, metrics; random weights need the probe's floor lowered to be served.
+    toy = model_dir != args.model_dir
+    service = start_server(model_dir, env=TOY_MODEL_ENV if toy else None, workers=args.workers, log_dir=work)
     ceiling = start_server(None, workers=args.workers, app=CEILING_APP, log_dir=work)
     try:
         for name, (path, directory) in bodies.items():

@@ -111,10 +111,25 @@ def save_checkpoint(
         **contract_summary(),
         "weights": {"file": WEIGHTS_FILE, "sha256": sha256_bytes(weights), "bytes": len(weights)},
     }
-    card_bytes = (json.dumps(card, indent=2, sort_keys=False) + "\n").encode()
+    commit_files(output_dir, weights, card_bytes(card))
+    return card
+
+
+def card_bytes(card: dict) -> bytes:
+    """The card as written to ``model.json``."""
+    return (json.dumps(card, indent=2, sort_keys=False) + "\n").encode()
+
+
+def commit_files(output_dir: str | os.PathLike, weights: bytes, card: bytes) -> None:
+    """Install a weights + card pair in ``output_dir`` as one commit (see the module's docstring).
+
+    Used by ``save_checkpoint`` and by ``fashion-models`` (which installs a model's exact bytes,
+    so its hash and card are the ones that were validated)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     tmp_weights = _write_temporary(output_dir / WEIGHTS_FILE, weights)
     try:
-        tmp_card = _write_temporary(output_dir / CARD_FILE, card_bytes)
+        tmp_card = _write_temporary(output_dir / CARD_FILE, card)
     except BaseException:
         tmp_weights.unlink(missing_ok=True)
         raise
@@ -125,7 +140,6 @@ def save_checkpoint(
         _fsync_dir(output_dir)
     if previous is not None:
         previous.unlink(missing_ok=True)
-    return card
 
 
 def _keep_previous_weights(output_dir: Path) -> Path | None:

@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """Accuracy gate for a retrained model: refuse it when its test accuracy falls too far below the current one.
 
-    python3 scripts/accuracy_gate.py CURRENT NEW [--max-drop-points 0.5] [--report FILE]
+    python3 scripts/accuracy_gate.py CURRENT NEW [--max-drop-points 0.5] [--probe-report FILE] [--report FILE]
 
 CURRENT and NEW are model folders (or their ``model.json`` cards). Exit status 0: accepted; 1: refused
-(more than ``--max-drop-points`` percentage points below the current model); 2: a card is missing or
-unreadable. No current model at all accepts the new one. Standard library only, so it runs on any CI
-runner without the project's dependencies.
+(more than ``--max-drop-points`` percentage points below the current model, or refused by the probe
+validation); 2: a card or the probe report is missing or unreadable. No current model at all accepts the
+new one. Standard library only, so it runs on any CI runner without the project's dependencies.
+
+``--probe-report`` is the verdict ``fashion-models validate NEW --report FILE`` wrote (retrain.sh runs it
+in the train container, where torch is): the same probe validation the service applies before it serves
+a model (fashion/probe.py). The gate refuses what that validation refused, with its reason.
 """
 
 from __future__ import annotations
@@ -59,11 +63,27 @@ def judge(current: float | None, new: float, max_drop_points: float) -> tuple[bo
     return True, f"accepted: {verdict}"
 
 
+def probe_verdict(report_file: Path) -> dict:
+    """The ``fashion-models validate --report`` verdict: {"accepted": bool, "reason", "message", ...}, or GateError."""
+    try:
+        report = json.loads(report_file.read_text())
+    except FileNotFoundError:
+        raise GateError(f"no probe validation report at {report_file}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise GateError(f"the probe validation report {report_file} cannot be read: {error}") from None
+    if not isinstance(report, dict) or not isinstance(report.get("accepted"), bool):
+        raise GateError(f"the probe validation report {report_file} has no accepted: true|false")
+    return report
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("current", type=Path, help="the current model's folder or card")
     parser.add_argument("new", type=Path, help="the retrained model's folder or card")
     parser.add_argument("--max-drop-points", type=float, default=0.5, help="percentage points (default 0.5)")
+    parser.add_argument(
+        "--probe-report", type=Path, help="the JSON verdict of `fashion-models validate NEW --report FILE`"
+    )
     parser.add_argument("--report", type=Path, help="also write the verdict as JSON to this file")
     args = parser.parse_args(argv)
     if not args.max_drop_points >= 0:
@@ -76,10 +96,14 @@ def main(args: argparse.Namespace) -> int:
         new = card_accuracy(card_path(args.new))
         current_card = card_path(args.current)
         current = card_accuracy(current_card) if current_card.exists() else None
+        probe = probe_verdict(args.probe_report) if args.probe_report else None
     except GateError as error:
         print(f"accuracy gate: {error}", file=sys.stderr)
         return BAD_INPUT
     accepted, message = judge(current, new, args.max_drop_points)
+    if probe is not None and not probe["accepted"]:
+        # The probe's verdict first: a model that fails it must not be served, whatever its card says.
+        accepted, message = False, f"refused by the probe validation ({probe.get('reason')}): {probe.get('message')}"
     print(f"accuracy gate: {message}")
     if args.report:
         report = {
@@ -88,6 +112,7 @@ def main(args: argparse.Namespace) -> int:
             "new_test_accuracy": new,
             "current_test_accuracy": current,
             "max_drop_points": args.max_drop_points,
+            "probe_validation": probe,
         }
         args.report.write_text(json.dumps(report, indent=2) + "\n")
     return ACCEPTED if accepted else REFUSED

@@ -5,13 +5,19 @@
 #   scripts/retrain.sh [TRAINING_ARGS...]          e.g. scripts/retrain.sh --epochs 15 --seed 1
 #
 # Steps: build the `train` image; run `python -m training TRAINING_ARGS` in it (non-root, read-only root
-# filesystem, no capabilities) writing into a fresh OUTPUT_DIR; compare the new card's test accuracy with
-# the current model's (CURRENT_MODEL) and refuse the new model when it is more than MAX_DROP_POINTS
-# percentage points lower. The new model, its card, its plots and gate.json stay in OUTPUT_DIR either way;
-# promoting an accepted model (copying it into models/ and committing it) is left to a person.
+# filesystem, no capabilities) writing into a fresh OUTPUT_DIR; in the same image, score the new model on
+# the probe set with the service's own rule (`fashion-models validate`, writing validation.json); then the
+# gate refuses the new model when that validation refused it, or when its test accuracy is more than
+# MAX_DROP_POINTS percentage points below the current model's (CURRENT_MODEL). The new model, its card,
+# its plots, validation.json and gate.json stay in OUTPUT_DIR either way; promoting an accepted model is
+# left to a person: `fashion-models promote OUTPUT_DIR` (validates again, keeps the current one in
+# models/history/).
 #
-# Exit status: 0 accepted; 1 refused by the gate; 2 bad usage or a card that cannot be read; other
-# non-zero: the build or the training failed.
+# Exit status: 0 accepted; 1 refused by the gate; 2 bad usage, a card or the validation report that cannot
+# be read; other non-zero: the build or the training failed.
+#
+# MIN_PROBE_ACCURACY, MAX_PROBE_DROP and MIN_PROBE_AGREEMENT, when set, reach the validation as they would
+# the service.
 #
 # Environment:
 #   OUTPUT_DIR       where the new model goes; must not exist or be empty (default retrain-out/<UTC time>)
@@ -56,9 +62,23 @@ log "training: python -m training $* -> $output_dir"
 docker run --rm --user "$user" --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
   ${DOCKER_RUN_ARGS:-} -v "$output_dir:/app/models" "$image" "$@"
 
+log "validating the new model on the probe set: fashion-models validate"
+# Exit status 1 (refused) is the gate's to report, from validation.json; anything else stops here.
+validation=0
+# shellcheck disable=SC2086
+docker run --rm --user "$user" --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
+  ${DOCKER_RUN_ARGS:-} -v "$output_dir:/app/models" \
+  -e MIN_PROBE_ACCURACY -e MAX_PROBE_DROP -e MIN_PROBE_AGREEMENT \
+  --entrypoint python "$image" -m fashion.models_cli validate /app/models --report /app/models/validation.json \
+  || validation=$?
+if [[ $validation -ne 0 && $validation -ne 1 ]]; then
+  log "the validation could not run (exit status $validation)"
+  exit "$validation"
+fi
+
 # The gate is standard library Python, so it needs only python3 on the host, not the project's venv.
 status=0
 python3 scripts/accuracy_gate.py "$current_model" "$output_dir" --max-drop-points "$max_drop" \
-  --report "$output_dir/gate.json" || status=$?
+  --probe-report "$output_dir/validation.json" --report "$output_dir/gate.json" || status=$?
 log "artifacts in $output_dir:"; ls -l "$output_dir" >&2
 exit "$status"

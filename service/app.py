@@ -24,6 +24,7 @@ from PIL import Image
 from werkzeug.exceptions import HTTPException
 
 from fashion.contract import CLASS_NAMES
+from fashion.probe import ValidationPolicy
 from service import metrics, openapi, v2_routes
 from service.config import Settings
 from service.logs import access_line, configure_logging, write_line
@@ -96,7 +97,8 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
     app = ServiceFlask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     app.config["SETTINGS"] = settings
-    runner = ModelRunner(settings.model_dir, settings.device, settings.reload_interval)
+    policy = ValidationPolicy(settings.min_probe_accuracy, settings.max_probe_drop, settings.min_probe_agreement)
+    runner = ModelRunner(settings.model_dir, settings.device, settings.reload_interval, policy, settings.model_version)
     app.extensions["model_runner"] = runner
 
     service_metrics = metrics.register(app)
@@ -150,7 +152,12 @@ def register_routes(app: Flask, settings: Settings, runner: ModelRunner) -> None
     def readyz() -> Response:
         """Readiness: a verified model is loaded and warmed up."""
         model = runner.require()
-        return json_response({"status": "ready", "model": {"name": model.card.get("name"), "version": model.version}})
+        answer = {"status": "ready", "model": {"name": model.card.get("name"), "version": model.version}}
+        warning = runner.warning
+        if warning is not None:
+            # Still 200: the previous model serves on; the warning is for the operator, not the balancer.
+            answer["warning"] = warning
+        return json_response(answer)
 
     @app.get("/model")
     def model_card() -> Response:
@@ -164,6 +171,11 @@ def register_routes(app: Flask, settings: Settings, runner: ModelRunner) -> None
                 "device": str(model.device),
                 "torch_version": torch.__version__,
                 "limits": {"max_batch": max_batch, "max_upload_bytes": settings.max_upload_bytes},
+                # This model's probe scores when it was accepted, and the rule it passed.
+                "validation": {**(model.validation or {}), "policy": runner.policy.describe()},
+                "pinned": runner.pin,
+                # The last refused candidate (null when the newest model in MODEL_DIR is the one served).
+                "candidate": runner.candidate,
             }
         )
 

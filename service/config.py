@@ -8,6 +8,7 @@ and exit status 2 (instead of gunicorn restarting workers that can never boot).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 from fashion.bounds import parse_bounded
 from fashion.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_PIXELS
 
+# fashion.history.VERSION_PATTERN; not imported, since that module loads torch.
+VERSION_PATTERN = re.compile(r"[0-9a-f]{12}")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = PROJECT_ROOT / "models"
 DEVICES = ("auto", "cpu", "cuda")
@@ -84,6 +87,13 @@ class Settings:
     # Seconds a request may spend before it is answered 503 instead of running on until gunicorn kills
     # the worker at `timeout`; by default two thirds of it.
     request_deadline: float = 20.0
+    # The probe validation a model must pass before it is served (fashion/probe.py, README "Model trust").
+    # The defaults are fashion.probe's DEFAULT_*, repeated here so this module does not import torch.
+    min_probe_accuracy: float = 0.80
+    max_probe_drop: float = 0.03
+    min_probe_agreement: float = 0.99
+    # MODEL_VERSION: serve only this version (12 hex digits), from MODEL_DIR/history/ or MODEL_DIR.
+    model_version: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -121,6 +131,19 @@ class Settings:
             timeout=_int(environ, "TIMEOUT", cls.timeout, 1, 3600),
             graceful_timeout=_int(environ, "GRACEFUL_TIMEOUT", cls.graceful_timeout, 0, 3600),
         )
+        for name, field in (
+            ("MIN_PROBE_ACCURACY", "min_probe_accuracy"),
+            ("MAX_PROBE_DROP", "max_probe_drop"),
+            ("MIN_PROBE_AGREEMENT", "min_probe_agreement"),
+        ):
+            values[field] = _bounded(environ, name, getattr(cls, field), float, minimum=0.0, maximum=1.0)
+        pin = environ.get("MODEL_VERSION", "").strip().lower()
+        if pin and not VERSION_PATTERN.fullmatch(pin):
+            raise ConfigError(
+                f"MODEL_VERSION={pin!r} is not a model version (the first 12 hex digits of the weights' SHA-256, "
+                "as /model and `fashion-models list` show it)"
+            )
+        values["model_version"] = pin or None
         values["request_deadline"] = _float(environ, "REQUEST_DEADLINE", values["timeout"] * 2 / 3, 0.1)
         if values["request_deadline"] >= values["timeout"]:
             raise ConfigError(

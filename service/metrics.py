@@ -115,6 +115,12 @@ class Metrics:
             multiprocess_mode="liveall",
             registry=registry,
         )
+        self.rejections = Counter(
+            "fashion_model_rejections",
+            "Candidate models refused by the probe validation, by reason (counted by every worker that refused one).",
+            ["reason"],
+            registry=registry,
+        )
         # Children are created once; a labels() call per observation would cost a lock and a dict lookup.
         self._class_counters = [self.predictions.labels(str(i), name) for i, name in enumerate(CLASS_NAMES)]
         self._uncertain_counters = {reason: self.uncertain.labels(reason) for reason in REASONS}
@@ -172,6 +178,9 @@ class Metrics:
         if load_seconds is not None:
             self.model_load_seconds.set(load_seconds)
 
+    def observe_rejection(self, reason: str) -> None:
+        self.rejections.labels(reason).inc()
+
     # ------------------------------------------------------------------ HTTP
 
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
@@ -206,6 +215,7 @@ def register(app: Flask) -> Metrics:
     app.extensions["metrics"] = metrics
     runner = runner_of(app)
     runner.observer = metrics.observe_prediction
+    runner.rejection_observer = metrics.observe_rejection
 
     @app.get("/metrics")
     def metrics_endpoint() -> Response:

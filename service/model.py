@@ -11,6 +11,15 @@ at start (hash, contract, architecture) and warmed up, and only then swapped in 
 reference assignment. A pair caught mid-commit (new weights, old card) fails the hash check
 and is not served; the old model keeps answering, and the next change of the files (the
 card's rename) triggers another try.
+
+Validation: a verified pair is then scored on the probe set (``fashion.probe.validate_candidate``)
+before it may be served. A refused candidate leaves the previous model serving and is reported
+(``candidate``: the log, ``/model``, ``/readyz``'s warning, ``rejection_observer`` for the metric).
+A worker that has no model in memory (start-up, or a worker gunicorn recycled after
+``max_requests`` while a refused candidate sits in the folder) falls back to the most recently
+archived model in ``history/`` that passes (fashion.history), so recycling does not take a
+service down; with nothing to fall back on it is not ready, with the reason. ``pin``
+(``MODEL_VERSION``) serves one version only, from ``history/<version>/`` or the folder itself.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -29,6 +39,8 @@ from torch import nn
 
 from fashion.checkpoint import CARD_FILE, WEIGHTS_FILE, CheckpointError, load_judged
 from fashion.contract import INPUT_SHAPE, NUM_CLASSES
+from fashion.history import HISTORY_DIR, archived_entries
+from fashion.probe import CandidateRejected, ProbeError, ValidationPolicy, validate_candidate
 from fashion.trust import Judge, Verdicts
 from service.web import ServiceError
 
@@ -53,7 +65,9 @@ class LoadedModel:
     device: torch.device
     signature: tuple | None
     judge: Judge = None  # calibration and the not-a-garment detector (fashion.trust); neutral when None
-    load_seconds: float = 0.0  # read + verify + warm-up; exported as fashion_model_load_seconds
+    load_seconds: float = 0.0  # read + verify + warm-up + validation; exported as fashion_model_load_seconds
+    validation: dict | None = None  # the probe's {"accuracy", "agreement", "seconds"} for this model
+    source: str = ""  # the folder it was loaded from (MODEL_DIR, or a history/<version>/ folder)
 
     @property
     def sha256(self) -> str:
@@ -90,12 +104,26 @@ class LoadedModel:
 class ModelRunner:
     """Holds the served model and says whether the service is ready, and if not, why."""
 
-    def __init__(self, model_dir: str | os.PathLike, device: str = "cpu", reload_interval: float = 2.0) -> None:
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        device: str = "cpu",
+        reload_interval: float = 2.0,
+        policy: ValidationPolicy | None = None,
+        pin: str | None = None,
+    ) -> None:
         self.model_dir = Path(model_dir)
         self.device = torch.device(device)
         self.reload_interval = reload_interval
+        self.policy = policy or ValidationPolicy()
+        self.pin = pin
         self.current: LoadedModel | None = None
         self.reason = "the model has not been loaded yet"
+        # The last refused candidate ({"version", "reason", "message", "at", "measured"}), until a
+        # newer model is accepted; shown by /model and /readyz.
+        self.candidate: dict | None = None
+        # Called with the reason code of every refusal; service.metrics counts them.
+        self.rejection_observer: Callable[[str], None] | None = None
         self._failed_signature: tuple | None = None
         self._next_check = 0.0
         # Called with (verdicts, seconds) after every prediction; service.metrics sets it.
@@ -127,42 +155,135 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ loading
 
+    def source_dir(self) -> Path:
+        """Where the model to serve is: MODEL_DIR, or with a pin its archived copy when there is one."""
+        if self.pin:
+            archived = self.model_dir / HISTORY_DIR / self.pin
+            if (archived / CARD_FILE).is_file():
+                return archived
+        return self.model_dir
+
+    def _load_verified(self, source: Path, signature: tuple | None) -> LoadedModel:
+        """Load, verify, warm up and validate the model in ``source``: CheckpointError, ProbeError or
+        CandidateRejected (carrying the candidate's version) when it must not be served."""
+        started = time.perf_counter()
+        model, card, judge = load_judged(source, self.device)
+        loaded = LoadedModel(
+            model=model, card=card, device=self.device, signature=signature, source=str(source), judge=judge
+        )
+        if self.pin and loaded.version != self.pin:
+            raise CheckpointError(
+                f"MODEL_VERSION={self.pin} is pinned, but {source} holds version {loaded.version} "
+                f"and {self.model_dir / HISTORY_DIR / self.pin} does not exist"
+            )
+        self._warm_up(loaded)
+        try:
+            validation = validate_candidate(model, card, self.policy)
+        except CandidateRejected as rejection:
+            rejection.version = loaded.version
+            raise
+        return replace(loaded, validation=validation, load_seconds=time.perf_counter() - started)
+
     def load(self) -> bool:
-        """Load, verify and warm up the model in model_dir; swap it in on success.
+        """Load, verify, warm up and validate the model; swap it in on success.
 
         Returns whether a new model is now served. On failure the previous model (if any)
         stays, and ``reason`` says what is wrong when there is nothing to serve.
         """
-        signature = _files_signature(self.model_dir)
-        started = time.perf_counter()
+        source = self.source_dir()
+        signature = _files_signature(source)
         try:
-            model, card, judge = load_judged(self.model_dir, self.device)
-            loaded = LoadedModel(model=model, card=card, device=self.device, signature=signature, judge=judge)
-            self._warm_up(loaded)
-            loaded = replace(loaded, load_seconds=time.perf_counter() - started)
-        except CheckpointError as error:
+            loaded = self._load_verified(source, signature)
+        except (CheckpointError, ProbeError) as error:
             self._failed_signature = signature
             if self.current is None:
-                self.reason = f"cannot serve the model in {self.model_dir}: {error}"
+                self.reason = f"cannot serve the model in {source}: {error}"
             log.warning(
                 "model not loaded from %s: %s",
-                self.model_dir,
+                source,
                 error,
                 extra={"still_serving": self.current.version if self.current else None},
             )
             return False
+        except CandidateRejected as rejection:
+            self._failed_signature = signature
+            self._refused(rejection, source)
+            return False
+        self._serve(loaded)
+        self.candidate = None
+        return True
+
+    def _serve(self, loaded: LoadedModel, fallback: bool = False) -> None:
         previous = self.current
         self.current = loaded
-        self._failed_signature = None
         self.reason = ""
+        if not fallback:
+            self._failed_signature = None
         log.info(
             "serving model %s version %s on %s",
             loaded.card.get("name"),
             loaded.version,
             self.device,
-            extra={"model_version": loaded.version, "previous_version": previous.version if previous else None},
+            extra={
+                "model_version": loaded.version,
+                "previous_version": previous.version if previous else None,
+                "probe": loaded.validation,
+                "source": loaded.source,
+            },
         )
-        return True
+
+    def _refused(self, rejection: CandidateRejected, source: Path) -> None:
+        """Report a refused candidate; with nothing in memory, fall back to the newest archived model that passes."""
+        version = getattr(rejection, "version", None)
+        self.candidate = {
+            "version": version,
+            "reason": rejection.reason,
+            "message": rejection.message,
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "measured": rejection.measured,
+        }
+        if self.rejection_observer is not None:
+            self.rejection_observer(rejection.reason)
+        if self.current is None and not self.pin:
+            self._fall_back()
+        still = self.current.version if self.current else None
+        log.warning(
+            "model candidate %s in %s refused (%s): %s",
+            version,
+            source,
+            rejection.reason,
+            rejection.message,
+            extra={
+                "reason": rejection.reason,
+                "candidate_version": version,
+                "still_serving": still,
+                "measured": rejection.measured,
+            },
+        )
+        if self.current is None:
+            self.reason = f"the model {version} in {source} was refused ({rejection.reason}): {rejection.message}"
+
+    def _fall_back(self) -> None:
+        for entry in archived_entries(self.model_dir):
+            if entry.version == self.candidate["version"]:
+                continue
+            try:
+                loaded = self._load_verified(entry.path, _files_signature(entry.path))
+            except (CheckpointError, ProbeError, CandidateRejected):
+                continue
+            self._serve(loaded, fallback=True)
+            return
+
+    @property
+    def warning(self) -> str | None:
+        """What /readyz says beside "ready" when a newer candidate was refused."""
+        candidate, current = self.candidate, self.current
+        if candidate is None or current is None:
+            return None
+        return (
+            f"candidate model {candidate['version']} was refused ({candidate['reason']}): {candidate['message']}; "
+            f"still serving {current.version}"
+        )
 
     @staticmethod
     def _warm_up(loaded: LoadedModel) -> None:
@@ -182,7 +303,7 @@ class ModelRunner:
             return
         try:
             self._next_check = now + self.reload_interval
-            signature = _files_signature(self.model_dir)
+            signature = _files_signature(self.source_dir())
             if signature is None:
                 if self.current is None:
                     self.reason = f"no model in {self.model_dir} (expected {CARD_FILE} and {WEIGHTS_FILE})"

@@ -187,6 +187,9 @@ def test_retrain_script_refuses_a_worse_model_and_keeps_it(stack, tmp_path):
     assert gate["accepted"] is False and gate["new_test_accuracy"] < gate["current_test_accuracy"] - 0.005
     assert read_card(output)["metrics"]["test_accuracy"] == gate["new_test_accuracy"]
     assert (output / "model.safetensors").is_file()
+    # The probe validation ran in the train image; its verdict is in the gate's report, whichever it was.
+    assert gate["probe_validation"] == json.loads((output / "validation.json").read_text())
+    assert gate["probe_validation"]["version"] == read_card(output)["weights"]["sha256"][:12]
     # A second run into the same, now non-empty, folder is refused before anything runs.
     again = subprocess.run(["bash", "scripts/retrain.sh"], cwd=stack.root, env=env, capture_output=True, text=True)
     assert again.returncode == 2 and "not empty" in again.stderr

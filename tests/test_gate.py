@@ -48,3 +48,29 @@ def test_accuracy_gate_without_current_model_accepts_and_bad_cards_exit_2(tmp_pa
         (new / "model.json").write_text(bad)
         assert accuracy_gate.main(accuracy_gate.parse_args([str(tmp_path / "nothing"), str(new)])) == 2
     assert accuracy_gate.main(accuracy_gate.parse_args([str(new), str(tmp_path / "missing")])) == 2
+
+
+def _probe_report(tmp_path: Path, accepted: bool) -> Path:
+    """What `fashion-models validate NEW --report FILE` writes (tests/test_trust.py runs the real command)."""
+    report = tmp_path / f"validation-{accepted}.json"
+    verdict = {"accepted": accepted, "version": "0123456789ab", "reason": None, "message": "probe accuracy 0.9"}
+    if not accepted:
+        verdict |= {"reason": "probe_accuracy_below_floor", "message": "probe accuracy 0.093 is below the floor 0.8"}
+    report.write_text(json.dumps(verdict))
+    return report
+
+
+def test_gate_refuses_what_the_probe_validation_refused(tmp_path, capsys):
+    current, new = _card(tmp_path, "current", 0.91), _card(tmp_path, "new", 0.92)  # better on the card
+    for accepted in (True, False):
+        probe = str(_probe_report(tmp_path, accepted))
+        args = accuracy_gate.parse_args(
+            [str(current), str(new), "--probe-report", probe, "--report", str(tmp_path / "g")]
+        )
+        assert accuracy_gate.main(args) == (0 if accepted else 1)
+        report = json.loads((tmp_path / "g").read_text())
+        assert report["accepted"] is accepted and report["probe_validation"]["accepted"] is accepted
+    assert "refused by the probe validation (probe_accuracy_below_floor)" in capsys.readouterr().out
+    # A missing or unreadable report is bad input, not a pass.
+    for bad in (tmp_path / "missing.json", current / "model.json"):
+        assert accuracy_gate.main(accuracy_gate.parse_args([str(current), str(new), "--probe-report", str(bad)])) == 2

@@ -20,7 +20,7 @@ from fashion.trust import LOW_CONFIDENCE, NOT_A_GARMENT, Verdicts
 from service import metrics as service_metrics
 from service import multiprocess
 from testing.images import png
-from testing.models import random_model_dir
+from testing.models import TOY_MODEL_ENV, random_model_dir
 from testing.server import start_server
 
 
@@ -93,12 +93,12 @@ def test_gunicorn_hooks_make_and_remove_a_fresh_directory(monkeypatch, tmp_path)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return random_model_dir(tmp_path_factory.mktemp("metrics-model"), seed=2, accuracy=0.8125)
+    return random_model_dir(tmp_path_factory.mktemp("metrics-model"), seed=2)
 
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    with start_server(model_dir, env={"ACCESS_LOG": "false"}, workers=2) as handle:
+    with start_server(model_dir, env={"ACCESS_LOG": "false", **TOY_MODEL_ENV}, workers=2) as handle:
         # start_server returns once one worker answers; the other may still be building its app
         # (model load, warm-up), and the load spread below needs both. A worker's metrics exist
         # (its fashion_worker_requests series, 0 at first) once its app is built.
@@ -207,9 +207,9 @@ def test_counts_add_up_across_two_workers(server, model_dir, test_set):
         "name": MODEL_NAME,
         "version": card["weights"]["sha256"][:12],
         "sha256": card["weights"]["sha256"],
-        "accuracy": "0.8125",
+        "accuracy": f"{card['metrics']['test_accuracy']}",
     }
-    assert value(text, "fashion_model_test_accuracy") == 0.8125
+    assert value(text, "fashion_model_test_accuracy") == card["metrics"]["test_accuracy"]
     load_times = [s.value for s in samples(text) if s.name == "fashion_model_load_seconds"]
     assert len(load_times) == 2 and all(0 < t < 60 for t in load_times), load_times
 

@@ -13,7 +13,7 @@ import schemathesis
 
 from service.app import create_app
 from service.web import RAW_IMAGE_TYPES
-from testing.models import random_model_dir
+from testing.models import TOY_MODEL_ENV, random_model_dir
 from testing.server import PROJECT_ROOT, start_server
 
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
@@ -27,7 +27,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(model_dir):
-    return create_app({"MODEL_DIR": str(model_dir), "ACCESS_LOG": "false"})
+    return create_app({"MODEL_DIR": str(model_dir), "ACCESS_LOG": "false", **TOY_MODEL_ENV})
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_the_examples_in_the_document_are_answered_as_documented(app, spec):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    with start_server(model_dir, env={"ACCESS_LOG": "false", "MAX_BATCH": "8"}, workers=2) as handle:
+    with start_server(model_dir, env={"ACCESS_LOG": "false", "MAX_BATCH": "8", **TOY_MODEL_ENV}, workers=2) as handle:
         yield handle
 
 

@@ -21,9 +21,10 @@ import requests
 import torch
 from PIL import Image
 
-from fashion.checkpoint import CARD_FILE, WEIGHTS_FILE, load_checkpoint, read_card, save_checkpoint
+from fashion.checkpoint import CARD_FILE, WEIGHTS_FILE, load_checkpoint, read_card
 from fashion.contract import CLASS_NAMES, FEATURE_TRANSFORM, MEAN, NUM_CLASSES, STD, ModelConfig, build_model
 from testing.images import encode, png
+from testing.models import TOY_MODEL_ENV, save_model
 
 # --------------------------------------------------------------------------- hand-set models
 
@@ -36,7 +37,7 @@ def save_bias_model(directory: Path, biases: list[float]) -> dict:
         for parameter in model.parameters():
             parameter.zero_()
         model[-1].bias.copy_(torch.tensor(biases))
-    return save_checkpoint(model, {"architecture": config.to_dict(), "note": "hand-set test model"}, directory)
+    return save_model(model, {"architecture": config.to_dict(), "note": "hand-set test model"}, directory)
 
 
 # softmax(log(k)) = k / sum(k): probabilities 1/55, 2/55, ..., 10/55.
@@ -57,7 +58,7 @@ def save_brightness_model(directory: Path) -> dict:
         model[1].weight[1].fill_(-1 / 784)
         model[-1].weight[9, 0] = 1.0
         model[-1].weight[0, 1] = 1.0
-    return save_checkpoint(model, {"architecture": config.to_dict()}, directory)
+    return save_model(model, {"architecture": config.to_dict()}, directory)
 
 
 def brightness_answer(pixel: int) -> list[float]:
@@ -130,7 +131,9 @@ def limited_server(brightness_model, tmp_path_factory):
     """One worker on the brightness model with small limits, shared by the error-path tests."""
     from testing.server import start_server
 
-    handle = start_server(brightness_model, env=LIMITS, workers=1, log_dir=tmp_path_factory.mktemp("limited"))
+    handle = start_server(
+        brightness_model, env={**LIMITS, **TOY_MODEL_ENV}, workers=1, log_dir=tmp_path_factory.mktemp("limited")
+    )
     yield handle
     handle.stop()
 
@@ -139,7 +142,7 @@ def limited_server(brightness_model, tmp_path_factory):
 
 
 def test_known_answer_from_hand_set_bias(start_gunicorn, bias_model):
-    server = start_gunicorn(bias_model)
+    server = start_gunicorn(bias_model, env=TOY_MODEL_ENV)
     response = post_png(server, png(0), params={"top_k": "3"})
     assert response.status_code == 200, response.text
     answer = response.json()
@@ -413,7 +416,7 @@ def test_no_error_killed_a_worker_or_answered_500(limited_server):
 def test_unexpected_exception_is_a_json_500_and_logged(bias_model, caplog):
     from service import create_app
 
-    app = create_app({"MODEL_DIR": str(bias_model), "RELOAD_INTERVAL": "0"})
+    app = create_app({"MODEL_DIR": str(bias_model), "RELOAD_INTERVAL": "0", **TOY_MODEL_ENV})
 
     @app.get("/boom")
     def boom():
@@ -437,7 +440,7 @@ def test_unexpected_exception_is_a_json_500_and_logged(bias_model, caplog):
 
 
 def test_health_ready_and_model_card(start_gunicorn, bias_model):
-    server = start_gunicorn(bias_model)
+    server = start_gunicorn(bias_model, env=TOY_MODEL_ENV)
     assert requests.get(server.url + "/healthz", timeout=10).json() == {"status": "ok"}
     ready = requests.get(server.url + "/readyz", timeout=10)
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
@@ -453,7 +456,7 @@ def test_health_ready_and_model_card(start_gunicorn, bias_model):
 
 
 def test_request_id_echoed_and_one_json_log_line_per_request(start_gunicorn, bias_model):
-    server = start_gunicorn(bias_model)
+    server = start_gunicorn(bias_model, env=TOY_MODEL_ENV)
     given = post_png(server, png(0), headers={"X-Request-ID": "client-id-42"})
     assert given.headers["X-Request-ID"] == "client-id-42"
     generated = post_png(server, png(0))
@@ -483,7 +486,7 @@ def test_bad_hash_is_live_but_not_ready(start_gunicorn, bias_model, tmp_path):
     card["weights"]["sha256"] = "0" * 64
     (directory / CARD_FILE).write_text(json.dumps(card))
 
-    server = start_gunicorn(directory, env={"RELOAD_INTERVAL": "0.2"})
+    server = start_gunicorn(directory, env={"RELOAD_INTERVAL": "0.2", **TOY_MODEL_ENV})
     assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
     error = assert_error(requests.get(server.url + "/readyz", timeout=10), 503, "model_not_ready")
     assert "SHA-256" in error["message"]
@@ -511,7 +514,7 @@ def test_hot_reload_swaps_only_a_complete_pair(start_gunicorn, bias_model, tmp_p
     directory = tmp_path / "model"
     shutil.copytree(bias_model, directory)
     old_sha = read_card(directory)["weights"]["sha256"]
-    server = start_gunicorn(directory, env={"RELOAD_INTERVAL": "0.2"}, workers=2)
+    server = start_gunicorn(directory, env={"RELOAD_INTERVAL": "0.2", **TOY_MODEL_ENV}, workers=2)
     assert post_png(server, png(0)).json()["model"]["sha256"] == old_sha
     # Both workers hold the old model before the files change (a worker still booting would
     # find nothing it may serve and rightly answer 503).
@@ -544,7 +547,7 @@ def test_hot_reload_swaps_only_a_complete_pair(start_gunicorn, bias_model, tmp_p
 def test_missing_model_dir_is_not_ready_until_a_model_appears(start_gunicorn, tmp_path):
     directory = tmp_path / "empty"
     directory.mkdir()
-    server = start_gunicorn(directory, env={"RELOAD_INTERVAL": "0.1"})
+    server = start_gunicorn(directory, env={"RELOAD_INTERVAL": "0.1", **TOY_MODEL_ENV})
     error = assert_error(requests.get(server.url + "/readyz", timeout=10), 503, "model_not_ready")
     assert "no model" in error["message"]
     sha = save_bias_model(directory, RISING)["weights"]["sha256"]
@@ -578,13 +581,13 @@ def test_bad_configuration_exits_with_a_clear_message(start_gunicorn, bias_model
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_device_cuda_without_a_gpu_is_a_configuration_error(start_gunicorn, bias_model):
-    server = start_gunicorn(bias_model, env={"DEVICE": "cuda"}, wait=None)
+    server = start_gunicorn(bias_model, env={"DEVICE": "cuda", **TOY_MODEL_ENV}, wait=None)
     assert server.process.wait(timeout=60) == 2
     assert "DEVICE=cuda" in server.log_text()
 
 
 def test_sigterm_lets_the_request_in_flight_finish(start_gunicorn, bias_model):
-    server = start_gunicorn(bias_model)
+    server = start_gunicorn(bias_model, env=TOY_MODEL_ENV)
     body = png(0)
     head = (
         f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"

@@ -31,6 +31,7 @@ from fashion.checkpoint import (
     save_checkpoint,
 )
 from fashion.contract import CLASS_NAMES, FEATURE_TRANSFORM, MEAN, NUM_CLASSES, STD, ModelConfig, build_model
+from fashion.probe import ValidationPolicy, probe_record, validate_candidate
 from training.data import (
     DataError,
     ImageFolderDataset,
@@ -320,6 +321,8 @@ def test_cli_trains_writes_card_and_fine_tunes_frozen(tmp_path, data_root):
     linears_after = [m for m in after if isinstance(m, torch.nn.Linear)]
     assert torch.equal(linears_before[0].weight, linears_after[0].weight)  # frozen first layer
     assert not torch.equal(linears_before[-1].weight, linears_after[-1].weight)  # retrained last layer
+    # Each card records the probe as its own weights score it, which the service checks before serving.
+    assert card["probe"] == probe_record(before) and tuned_card["probe"] == probe_record(after)
 
 
 def test_freeze_leaves_only_the_last_layer_trainable():
@@ -645,6 +648,7 @@ def test_cnn_trains_saves_and_loads_like_the_mlp(tmp_path, data_root, test_set):
     model, _ = load_checkpoint(out)  # rebuilt from the card by build_model, nothing CNN-specific
     accuracy, _, _ = evaluate(model, test_set.inputs, test_set.targets)
     assert accuracy == card["metrics"]["test_accuracy"]
+    assert validate_candidate(model, card, ValidationPolicy(min_accuracy=0.0))["agreement"] == 1.0
 
 
 def test_the_one_bounded_number_parser():

@@ -23,7 +23,7 @@ from fashion.checkpoint import MODEL_NAME
 from fashion.contract import CLASS_NAMES, INPUT_SHAPE, NUM_CLASSES
 from service import v2
 from testing.images import png
-from testing.models import known_answer_model_dir, known_probabilities, random_model_dir
+from testing.models import TOY_MODEL_ENV, known_answer_model_dir, known_probabilities, random_model_dir
 from testing.server import start_server
 
 MAX_BATCH = 16
@@ -227,7 +227,9 @@ def test_binary_response_is_read_back_by_tritonclient():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model_dir = random_model_dir(tmp_path_factory.mktemp("v2-model"), seed=1)
-    with start_server(model_dir, env={"MAX_BATCH": str(MAX_BATCH), "ACCESS_LOG": "false"}, workers=1) as handle:
+    with start_server(
+        model_dir, env={"MAX_BATCH": str(MAX_BATCH), "ACCESS_LOG": "false", **TOY_MODEL_ENV}, workers=1
+    ) as handle:
         yield handle
 
 
@@ -467,7 +469,7 @@ def test_known_answer_through_v2(tmp_path):
     """Hand-set weights: every input gets softmax([0..9]); the v2 answer must be exactly that."""
     from service.app import create_app
 
-    app = create_app({"MODEL_DIR": str(known_answer_model_dir(tmp_path)), "ACCESS_LOG": "false"})
+    app = create_app({"MODEL_DIR": str(known_answer_model_dir(tmp_path)), "ACCESS_LOG": "false", **TOY_MODEL_ENV})
     document = {
         "inputs": [{"name": "input", "shape": [2, 1, 28, 28], "datatype": "FP32", "data": [0.5] * (2 * 784)}],
         "outputs": [{"name": "probabilities"}, {"name": "label"}],

@@ -33,6 +33,7 @@ from fashion.checkpoint import (
 )
 from fashion.contract import ARCHITECTURES, CLASS_NAMES, NUM_CLASSES, ModelConfig, build_model, pixels_to_input
 from fashion.heldout import held_out_indices, training_indices
+from fashion.probe import probe_record
 from training.data import (
     DEBIAN_DIR,
     DataError,
@@ -669,6 +670,7 @@ def build_card(
     data: dict,
     init_from: dict | None,
     arguments: dict,
+    probe: dict | None = None,
 ) -> dict:
     per_class = (confusion.diag().double() / confusion.sum(dim=1).double()).tolist()
     return {
@@ -681,6 +683,8 @@ def build_card(
             "per_class_accuracy": {name: round(acc, 4) for name, acc in zip(CLASS_NAMES, per_class, strict=True)},
             "confusion_matrix": {"rows": "true class", "columns": "predicted class", "counts": confusion.tolist()},
         },
+        # fashion.probe.probe_record: what the service re-checks before it serves this model.
+        "probe": probe,
         "training": {
             # The architecture's own numbers are under "architecture"; the rest of the recipe here.
             **{
@@ -832,6 +836,7 @@ def main(args: argparse.Namespace) -> int:
         data=data,
         init_from=init_from,
         arguments={key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+        probe=probe_record(model),
     )
     plots = {} if args.no_plots else plot_files(history, confusion)
     try:
