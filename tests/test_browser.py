@@ -10,6 +10,9 @@ import requests
 from PIL import Image
 
 from fashion.contract import CLASS_NAMES
+from testing.ood import ood_samples
+
+OCTETS = "application/octet-stream"
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -60,7 +63,21 @@ def test_upload_shows_label_and_probability_bars(bundled_server, test_set, tmp_p
             assert confidence == pytest.approx(api["confidence"] * 100, abs=0.06)
             assert page.locator("#preview").is_visible()
             page.wait_for_function("document.getElementById('model').textContent.length > 0", timeout=10_000)
+            assert page.locator("#uncertain").is_hidden(), "a test garment the service trusts is not shown as a guess"
             page.screenshot(path=str(ARTIFACTS / "browser-predict.png"), full_page=True)
+
+            # Something that is not clothing: the answer is shown as a guess, with the reason in words.
+            sample = ood_samples(names=["characters"], per_set=1)["characters"][0]
+            not_clothing = tmp_path / ("letters.png" if sample.startswith(b"\x89PNG") else "letters.jpg")
+            not_clothing.write_bytes(sample)
+            flagged = requests.post(
+                bundled_server.url + "/predict", data=sample, headers={"Content-Type": OCTETS}, timeout=30
+            ).json()
+            assert flagged["uncertain"] and flagged["reason"] == "not_a_garment"
+            page.set_input_files("#file", str(not_clothing))
+            page.wait_for_selector("#uncertain:not([hidden])", timeout=15_000)
+            assert "does not look like" in page.inner_text("#uncertain")
+            page.screenshot(path=str(ARTIFACTS / "browser-not-a-garment.png"), full_page=True)
 
             # A file the service refuses shows its message, not a broken page.
             bad = tmp_path / "notes.txt"

@@ -2,6 +2,10 @@
 // The page posts the chosen file as the raw request body to /predict and draws the answer.
 const $ = (id) => document.getElementById(id);
 let current = null;
+const UNCERTAIN_TEXT = {
+  not_a_garment: "This does not look like a piece of clothing, so the label above is only a guess.",
+  low_confidence: "The service is not sure about this one: the label above is only its best guess.",
+};
 
 function showError(message) {
   $("error").textContent = message;
@@ -13,6 +17,10 @@ function showAnswer(answer) {
   $("error").hidden = true;
   $("label").textContent = answer.label;
   $("confidence").textContent = `${(answer.confidence * 100).toFixed(1)}%`;
+  // An answer the service does not trust is shown as a guess, with the service's reason in words.
+  $("result").classList.toggle("doubtful", answer.uncertain);
+  $("uncertain").hidden = !answer.uncertain;
+  $("uncertain").textContent = answer.uncertain ? UNCERTAIN_TEXT[answer.reason] || "The service is not sure." : "";
   const bars = $("bars");
   bars.replaceChildren();
   for (const [name, p] of Object.entries(answer.probabilities)) {
