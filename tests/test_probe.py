@@ -106,7 +106,9 @@ def never_shirt(model):
 def test_a_card_claiming_more_than_its_weights_do_is_refused(bundled):
     model, card = bundled
     worse = never_shirt(model)
-    honest = {**card, "probe": probe_record(worse)}
+    record = probe_record(worse)
+    # Honest: its own probe record, and a test accuracy its weights can back.
+    honest = {**card, "probe": record, "metrics": {**card["metrics"], "test_accuracy": record["accuracy"]}}
     assert 0.80 < honest["probe"]["accuracy"] < card["probe"]["accuracy"] - 0.03
     # The bundled model's claims on the worse weights: the recorded probe accuracy, then the test accuracy.
     assert _rejected(worse, {**card}).reason == BELOW_CLAIM

@@ -573,7 +573,8 @@ def test_committed_default_model_reproduces_its_card(test_set):
     accuracy, _, confusion = evaluate(model, test_set.inputs, test_set.targets)
     assert accuracy == card["metrics"]["test_accuracy"]
     assert confusion.tolist() == card["metrics"]["confusion_matrix"]["counts"]
-    assert accuracy >= 0.905  # the previous default scored 0.9053; the goal of 0.91 is not reached yet
+    # 0.9093 when trained on all 60,000; 0.9065 on the 57,000 outside the held-out split. 0.91 is not reached.
+    assert accuracy >= 0.905
     assert card["training"]["device"] == "cpu"
     assert card["data"]["files_sha256"] == file_checksums(test_set.root)
     for name in (CURVES_FILE, CONFUSION_FILE):
@@ -601,7 +602,8 @@ def test_shipped_model_accuracy_by_an_independent_evaluation(data_root):
     labels = _idx_array(raw_folder(data_root) / "t10k-labels-idx1-ubyte")
     assert images.shape == (10_000, 28, 28) and labels.shape == (10_000,)
     x = (images.reshape(10_000, 784) / 255 - MEAN) / STD
-    linears = sorted({int(name.split(".")[0]) for name in weights})
+    # The classifier's layers are numbered (nn.Sequential); "detector.*" is the not-a-garment scorer beside it.
+    linears = sorted({int(name.split(".")[0]) for name in weights if not name.startswith("detector.")})
     for position, index in enumerate(linears):
         x = x @ weights[f"{index}.weight"].astype(np.float64).T + weights[f"{index}.bias"]
         if position < len(linears) - 1:
@@ -609,7 +611,8 @@ def test_shipped_model_accuracy_by_an_independent_evaluation(data_root):
     accuracy = float((x.argmax(axis=1) == labels).mean())
     # float64 here, float32 in the card: an image on a knife-edge may fall either way, no more than a few.
     assert abs(accuracy - card["metrics"]["test_accuracy"]) <= 0.0005
-    assert accuracy >= 0.905  # the previous default scored 0.9053; the goal of 0.91 is not reached yet
+    # 0.9093 when trained on all 60,000; 0.9065 on the 57,000 outside the held-out split. 0.91 is not reached.
+    assert accuracy >= 0.905
 
 
 # --------------------------------------------------------------------------- GPU

@@ -18,7 +18,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from fashion import history
-from fashion.checkpoint import CARD_FILE, load_checkpoint, read_card, save_checkpoint
+from fashion.checkpoint import CARD_FILE, load_judged, read_card, save_checkpoint
 from fashion.contract import contract_summary
 from fashion.probe import BELOW_CLAIM, BELOW_FLOOR, probe_record
 
@@ -36,13 +36,14 @@ def _claims_of(card: dict) -> dict:
 def save_candidate(directory: Path, change, card_change=None) -> str:
     """The bundled model with ``change`` applied to its layers, committed into ``directory`` with the bundled
     card's claims (or ``card_change``'s); the card's SHA-256 matches the new weights. Returns the version."""
-    model, card = load_checkpoint(BUNDLED)
+    model, card, judge = load_judged(BUNDLED)
     with torch.no_grad():
         change(model)
     card = _claims_of(card)
     if card_change is not None:
         card_change(model, card)
-    return save_checkpoint(model, card, directory)["weights"]["sha256"][:12]
+    # The not-a-garment detector travels with the card's trust section that describes it.
+    return save_checkpoint(model, card, directory, detector=judge.detector)["weights"]["sha256"][:12]
 
 
 def noise(model) -> None:
@@ -191,7 +192,7 @@ def test_bad_candidates_are_refused_under_load(start_gunicorn, model_dir):
         logged = [json.loads(line) for line in server.log_text().splitlines() if '"candidate_version"' in line]
         assert {entry["reason"] for entry in logged} == {BELOW_FLOOR, BELOW_CLAIM}
         # Putting the good model back clears the warning.
-        save_checkpoint(*_bundled_for_save(), model_dir)
+        save_bundled(model_dir)
         wait_for(lambda: "warning" not in requests.get(server.url + "/readyz", timeout=10).json(), "the warning to go")
     finally:
         client.stop()
@@ -199,9 +200,10 @@ def test_bad_candidates_are_refused_under_load(start_gunicorn, model_dir):
     assert set(client.versions) == {good} and len(client.versions) > 100
 
 
-def _bundled_for_save():
-    model, card = load_checkpoint(BUNDLED)
-    return model, _claims_of(card)
+def save_bundled(directory: Path) -> dict:
+    """The bundled model committed into ``directory`` again, detector included."""
+    model, card, judge = load_judged(BUNDLED)
+    return save_checkpoint(model, _claims_of(card), directory, detector=judge.detector)
 
 
 def test_a_refused_model_at_start_up_is_not_ready_with_the_reason(start_gunicorn, model_dir):
