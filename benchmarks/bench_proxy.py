@@ -20,8 +20,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -31,7 +31,14 @@ sys.path.insert(0, str(PROJECT_ROOT))
 import requests  # noqa: E402
 
 from benchmarks.bench_serving import LUA_SCRIPT, write_bodies  # noqa: E402
-from testing.attacks import SlowClients, bomb_request, hold_connections, probe, small_png  # noqa: E402
+from testing.attacks import (  # noqa: E402
+    SlowClients,
+    bomb_request,
+    bombs_beside_a_normal_client,
+    hold_connections,
+    probe,
+    small_png,
+)
 from testing.server import free_port  # noqa: E402
 
 
@@ -51,50 +58,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- attacks
 
 
+def answer_status(answer: bytes) -> str:
+    return answer.split(b" ", 2)[1].decode() if answer.startswith(b"HTTP/") else "closed"
+
+
 def attack_suite(url: str, slow_clients: int) -> dict:
     """The issue's attacks against ``url``: what a normal client sees meanwhile, and what the attacker gets."""
     host, port = urlsplit(url).hostname, urlsplit(url).port
     png = small_png()
     results: dict = {"url": url}
 
-    # Slow bodies (one byte every 2 s), then 5 normal requests over 15 s, each allowed 15 s.
-    slow = SlowClients(host, port, bodies=slow_clients, seconds=20).start()
+    # Slow clients (one byte or header line every 2 s): headers, small bodies and bodies that send more
+    # than the proxy's 1 MiB buffer at once first, ``slow_clients`` of each; then 5 normal requests over
+    # 15 s, each allowed 15 s.
+    slow = SlowClients(host, port, headers=slow_clients, bodies=slow_clients, big_bodies=slow_clients, seconds=20)
+    slow.start()
     time.sleep(1)
     answers = probe(url, png, count=5, interval=3.0, timeout=15)
-    slow.join()
-    results["slow_bodies"] = {
-        "clients": slow_clients,
+    outcomes = slow.join()
+    results["slow_clients"] = {
+        "clients_per_kind": slow_clients,
         "normal_answered": sum(status == 200 for status, _ in answers),
         "normal_max_s": max(seconds for _, seconds in answers),
+        # kind -> how each slow client ended (its answer's status, or "closed" without one), and the
+        # longest it held its connection
+        "slow": {
+            kind: {
+                "ended": dict(Counter(answer_status(o.answer) for o in outcomes if o.kind == kind)),
+                "max_s": max((o.seconds for o in outcomes if o.kind == kind), default=None),
+            }
+            for kind in ("header", "body", "big_body")
+        },
     }
 
     # The 64-image bomb, alone, then two at once while a normal client asks.
-    body, content_type = bomb_request()
-    results["bomb_body_bytes"] = len(body)
+    results["bomb_body_bytes"] = len(bomb_request()[0])
 
-    def bomb(out: list) -> None:
-        started = time.monotonic()
-        try:
-            response = requests.post(url + "/predict", data=body, headers={"Content-Type": content_type}, timeout=90)
-            out.append((response.status_code, response.headers.get("Content-Type", ""), time.monotonic() - started))
-        except requests.RequestException as error:
-            out.append((type(error).__name__, "", time.monotonic() - started))
+    def summary(answer) -> tuple:
+        if isinstance(answer, requests.Response):
+            return answer.status_code, answer.headers.get("Content-Type", "").split(";")[0]
+        return type(answer).__name__, ""
 
-    single: list = []
-    bomb(single)
-    status, kind, seconds = single[0]
-    results["bomb"] = {"status": status, "content_type": kind.split(";")[0], "seconds": round(seconds, 3)}
-    pair: list = []
-    threads = [threading.Thread(target=bomb, args=(pair,)) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.5)
-    answers = probe(url, png, count=5, interval=1.0, timeout=15)
-    for thread in threads:
-        thread.join(120)
+    single, seconds, _ = bombs_beside_a_normal_client(url, bombs=1, normal=0, timeout=90)
+    status, kind = summary(single[0])
+    results["bomb"] = {"status": status, "content_type": kind, "seconds": seconds[0]}
+    pair, seconds, answers = bombs_beside_a_normal_client(
+        url, bombs=2, normal=5, interval=1.0, timeout=90, normal_timeout=15
+    )
     results["two_bombs"] = {
-        "statuses": [p[0] for p in pair],
-        "seconds": [round(p[2], 3) for p in pair],
+        "statuses": [summary(answer)[0] for answer in pair],
+        "seconds": seconds,
         "normal_answered": sum(status == 200 for status, _ in answers),
         "normal_max_s": max(seconds for _, seconds in answers),
     }
