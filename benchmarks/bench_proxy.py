@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +33,8 @@ import requests  # noqa: E402
 
 from benchmarks.bench_serving import LUA_SCRIPT, write_bodies  # noqa: E402
 from testing.attacks import (  # noqa: E402
+    BIG_BODY,
+    BIG_BODY_SENT,
     SlowClients,
     bomb_request,
     bombs_beside_a_normal_client,
@@ -171,6 +174,55 @@ def test_bodies(directory: Path, count: int = 256) -> Path:
     return write_bodies(directory, [png(image) for image in images])
 
 
+def proxy_memory(env: dict, port: int, connections: int = 500, uploads: int = 64) -> dict:
+    """The proxy container's memory (cgroup), idle, with ``connections`` from one address holding
+    unfinished headers (each one a request buffer in HAProxy), and with ``uploads`` bodies past the 1 MiB
+    buffer stalled half-way (HAProxy's buffers plus nginx's spool files on the tmpfs)."""
+    project = env.get("BENCH_COMPOSE_PROJECT", "fashion-mnist-bench")
+    container = subprocess.run(
+        ["docker", "compose", "-p", project, "ps", "-q", "proxy"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+    def mib() -> float:
+        raw = subprocess.run(
+            ["docker", "exec", container, "cat", "/sys/fs/cgroup/memory.current"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return round(int(raw) / 2**20, 1)
+
+    results = {"idle_mib": mib()}
+    for name, count, first in (
+        ("headers", connections, b"GET /healthz HTTP/1.1\r\nHost: memory\r\n"),
+        ("uploads", uploads, None),
+    ):
+        sockets = []
+        try:
+            for _ in range(count):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                sockets.append(sock)
+                if first is not None:
+                    sock.sendall(first)
+                else:
+                    sock.sendall(
+                        b"POST /predict HTTP/1.1\r\nHost: memory\r\nContent-Type: image/png\r\n"
+                        b"Content-Length: %d\r\n\r\n" % BIG_BODY + b"\0" * BIG_BODY_SENT
+                    )
+            time.sleep(3)  # well within the proxy's 10 s request timeout
+            results[f"{name}_{count}_mib"] = mib()
+        finally:
+            for sock in sockets:
+                sock.close()
+        time.sleep(1)
+    return results
+
+
 def compose(env: dict, *args: str, timeout: float = 1800) -> None:
     files = ["-f", "docker-compose.yml", "-f", "benchmarks/compose.direct.yaml"]
     project = env.get("BENCH_COMPOSE_PROJECT", "fashion-mnist-bench")
@@ -221,6 +273,7 @@ def main(args: argparse.Namespace) -> dict:
             results["attacks"] = {
                 name: attack_suite(url, slow_clients=6 * args.workers) for name, url in targets.items()
             }
+            results["proxy_memory"] = proxy_memory(env, proxy_port)
     finally:
         compose(env, "down", "--timeout", "10", timeout=300)
     return results
@@ -240,6 +293,8 @@ def report(results: dict) -> None:
             f"proxy/direct: {proxy['rps'] / direct['rps']:.2f} of the req/s, "
             f"p99 {proxy['p99_ms'] / direct['p99_ms']:.2f}x"
         )
+    if "proxy_memory" in results:
+        print(f"\nproxy container memory: {results['proxy_memory']}")
     for name, attack in results.get("attacks", {}).items():
         print(f"\nattacks against {name} ({attack['url']}):")
         for key, value in attack.items():
