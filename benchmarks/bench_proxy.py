@@ -174,6 +174,24 @@ def test_bodies(directory: Path, count: int = 256) -> Path:
     return write_bodies(directory, [png(image) for image in images])
 
 
+def docker_stats_memory(container: str) -> float:
+    """Bytes of memory the engine counts for ``container`` (its cgroup), from `docker stats`."""
+    raw = (
+        subprocess.run(
+            ["docker", "stats", "--no-stream", "--format", "{{.MemUsage}}", container],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.split("/")[0]
+        .strip()
+    )
+    number = raw.rstrip("KMGTiBkb")
+    unit = raw[len(number) :]
+    scale = {"B": 1, "kB": 1e3, "KiB": 2**10, "MB": 1e6, "MiB": 2**20, "GB": 1e9, "GiB": 2**30}[unit]
+    return float(number) * scale
+
+
 def proxy_memory(env: dict, port: int, connections: int = 500, uploads: int = 64) -> dict:
     """The proxy container's memory (cgroup), idle, with ``connections`` from one address holding
     unfinished headers (each one a request buffer in HAProxy), and with ``uploads`` bodies past the 1 MiB
@@ -189,13 +207,8 @@ def proxy_memory(env: dict, port: int, connections: int = 500, uploads: int = 64
     ).stdout.strip()
 
     def mib() -> float:
-        raw = subprocess.run(
-            ["docker", "exec", container, "cat", "/sys/fs/cgroup/memory.current"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        return round(int(raw) / 2**20, 1)
+        usage = docker_stats_memory(container)
+        return round(usage / 2**20, 1)
 
     results = {"idle_mib": mib()}
     for name, count, first in (
