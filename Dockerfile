@@ -2,7 +2,7 @@
 #   serve (default)  the prediction API: gunicorn + Flask on port 8000, with the bundled model
 #   api              the same without a model (Kubernetes/KServe mount one at MODEL_DIR)
 #   train            `python -m training ...`, with the real Fashion-MNIST from Debian (works offline)
-#   proxy            the front door (HAProxy from Debian) that docker-compose.yml puts before the api
+#   proxy            the front door (HAProxy and nginx from Debian) that docker-compose.yml puts before the api
 #
 #   docker build -t fashion-mnist:serve .                                        # CPU-only torch
 #   docker build --target train -t fashion-mnist:train .
@@ -17,6 +17,10 @@
 # set.) The default stays a tag because an engine without registry access, like the offline test machine,
 # holds a locally built python:3.11-slim that has no registry digest, and a pinned reference fails there.
 ARG PYTHON_IMAGE=python:3.11-slim
+# PyTorch's CPU-only wheel index keeps the image small; an empty value means pip's default index,
+# whose Linux torch wheels are the CUDA build (several GB), which compose.gpu.yaml uses. Declared once
+# here; the stages that install torch or torchvision take it with a bare `ARG TORCH_INDEX_URL`.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 FROM ${PYTHON_IMAGE} AS base
 ENV PYTHONUNBUFFERED=1 \
@@ -41,9 +45,7 @@ open("requirements-train.txt", "w").write("\n".join(p["optional-dependencies"]["
 
 # ---- build: the virtual environment: locked dependencies, then torch ----
 FROM base AS build
-# PyTorch's CPU-only wheel index keeps the image small; an empty value means pip's default index,
-# whose Linux torch wheels are the CUDA build (several GB), which compose.gpu.yaml uses.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_INDEX_URL
 WORKDIR /build
 RUN python -m venv /opt/venv
 COPY constraints.txt requirements/serve.txt ./
@@ -89,7 +91,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 # ---- train: python -m training, arguments pass through ----
 FROM runtime AS train
 # torchvision (training only), from the same index as torch.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_INDEX_URL
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install -c /build/constraints.txt ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torchvision
 RUN apt-get update \
@@ -114,14 +116,16 @@ RUN pip install --no-deps --no-index /tmp/wheels/*.whl && rm -rf /tmp/wheels
 USER app
 
 
-# ---- proxy: the front door (docker-compose.yml), HAProxy from Debian on the same base image ----
-# Why HAProxy and what it does: proxy/haproxy.cfg and the README's "Containers".
+# ---- proxy: the front door (docker-compose.yml), HAProxy and nginx from Debian on the same base image ----
+# Why both and what each does: proxy/haproxy.cfg, proxy/nginx.conf and the README's "The front door".
+# proxy/entrypoint.sh runs them side by side, as the image's user.
 FROM base AS proxy
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends haproxy \
+    && apt-get install -y --no-install-recommends haproxy nginx \
     && rm -rf /var/lib/apt/lists/*
 EXPOSE 8000
-# SIGUSR1 is HAProxy's soft stop: it stops listening and finishes the requests it accepted.
+# SIGUSR1: the entry point passes it to HAProxy (its soft stop: stop listening, finish the requests it
+# accepted), then stops nginx gracefully.
 STOPSIGNAL SIGUSR1
 # GET /readyz through the proxy: healthy when the front door reaches at least one ready replica.
 HEALTHCHECK --interval=5s --timeout=5s --start-period=60s --retries=3 \
@@ -131,7 +135,7 @@ ARG PYTHON_IMAGE
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="fashion-mnist-proxy" \
-      org.opencontainers.image.description="HAProxy front door for the Fashion-MNIST classifier API" \
+      org.opencontainers.image.description="HAProxy + nginx front door for the Fashion-MNIST classifier API" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="MIT" \
       org.opencontainers.image.base.name="${PYTHON_IMAGE}" \

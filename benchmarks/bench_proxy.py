@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -31,7 +32,16 @@ sys.path.insert(0, str(PROJECT_ROOT))
 import requests  # noqa: E402
 
 from benchmarks.bench_serving import LUA_SCRIPT, write_bodies  # noqa: E402
-from testing.attacks import SlowClients, bomb_request, hold_connections, probe, small_png  # noqa: E402
+from testing.attacks import (  # noqa: E402
+    BIG_BODY,
+    BIG_BODY_SENT,
+    SlowClients,
+    bomb_request,
+    bombs_beside_a_normal_client,
+    hold_connections,
+    probe,
+    small_png,
+)
 from testing.server import free_port  # noqa: E402
 
 
@@ -51,50 +61,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- attacks
 
 
+def answer_status(answer: bytes) -> str:
+    return answer.split(b" ", 2)[1].decode() if answer.startswith(b"HTTP/") else "closed"
+
+
 def attack_suite(url: str, slow_clients: int) -> dict:
     """The issue's attacks against ``url``: what a normal client sees meanwhile, and what the attacker gets."""
     host, port = urlsplit(url).hostname, urlsplit(url).port
     png = small_png()
     results: dict = {"url": url}
 
-    # Slow bodies (one byte every 2 s), then 5 normal requests over 15 s, each allowed 15 s.
-    slow = SlowClients(host, port, bodies=slow_clients, seconds=20).start()
+    # Slow clients (one byte or header line every 2 s): headers, small bodies and bodies that send more
+    # than the proxy's 1 MiB buffer at once first, ``slow_clients`` of each; then 5 normal requests over
+    # 15 s, each allowed 15 s.
+    slow = SlowClients(host, port, headers=slow_clients, bodies=slow_clients, big_bodies=slow_clients, seconds=20)
+    slow.start()
     time.sleep(1)
     answers = probe(url, png, count=5, interval=3.0, timeout=15)
-    slow.join()
-    results["slow_bodies"] = {
-        "clients": slow_clients,
+    outcomes = slow.join()
+    results["slow_clients"] = {
+        "clients_per_kind": slow_clients,
         "normal_answered": sum(status == 200 for status, _ in answers),
         "normal_max_s": max(seconds for _, seconds in answers),
+        # kind -> how each slow client ended (its answer's status, or "closed" without one), and the
+        # longest it held its connection
+        "slow": {
+            kind: {
+                "ended": dict(Counter(answer_status(o.answer) for o in outcomes if o.kind == kind)),
+                "max_s": max((o.seconds for o in outcomes if o.kind == kind), default=None),
+            }
+            for kind in ("header", "body", "big_body")
+        },
     }
 
     # The 64-image bomb, alone, then two at once while a normal client asks.
-    body, content_type = bomb_request()
-    results["bomb_body_bytes"] = len(body)
+    results["bomb_body_bytes"] = len(bomb_request()[0])
 
-    def bomb(out: list) -> None:
-        started = time.monotonic()
-        try:
-            response = requests.post(url + "/predict", data=body, headers={"Content-Type": content_type}, timeout=90)
-            out.append((response.status_code, response.headers.get("Content-Type", ""), time.monotonic() - started))
-        except requests.RequestException as error:
-            out.append((type(error).__name__, "", time.monotonic() - started))
+    def summary(answer) -> tuple:
+        if isinstance(answer, requests.Response):
+            return answer.status_code, answer.headers.get("Content-Type", "").split(";")[0]
+        return type(answer).__name__, ""
 
-    single: list = []
-    bomb(single)
-    status, kind, seconds = single[0]
-    results["bomb"] = {"status": status, "content_type": kind.split(";")[0], "seconds": round(seconds, 3)}
-    pair: list = []
-    threads = [threading.Thread(target=bomb, args=(pair,)) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.5)
-    answers = probe(url, png, count=5, interval=1.0, timeout=15)
-    for thread in threads:
-        thread.join(120)
+    single, seconds, _ = bombs_beside_a_normal_client(url, bombs=1, normal=0, timeout=90)
+    status, kind = summary(single[0])
+    results["bomb"] = {"status": status, "content_type": kind, "seconds": seconds[0]}
+    pair, seconds, answers = bombs_beside_a_normal_client(
+        url, bombs=2, normal=5, interval=1.0, timeout=90, normal_timeout=15
+    )
     results["two_bombs"] = {
-        "statuses": [p[0] for p in pair],
-        "seconds": [round(p[2], 3) for p in pair],
+        "statuses": [summary(answer)[0] for answer in pair],
+        "seconds": seconds,
         "normal_answered": sum(status == 200 for status, _ in answers),
         "normal_max_s": max(seconds for _, seconds in answers),
     }
@@ -158,6 +174,68 @@ def test_bodies(directory: Path, count: int = 256) -> Path:
     return write_bodies(directory, [png(image) for image in images])
 
 
+def docker_stats_memory(container: str) -> float:
+    """Bytes of memory the engine counts for ``container`` (its cgroup), from `docker stats`."""
+    raw = (
+        subprocess.run(
+            ["docker", "stats", "--no-stream", "--format", "{{.MemUsage}}", container],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.split("/")[0]
+        .strip()
+    )
+    number = raw.rstrip("KMGTiBkb")
+    unit = raw[len(number) :]
+    scale = {"B": 1, "kB": 1e3, "KiB": 2**10, "MB": 1e6, "MiB": 2**20, "GB": 1e9, "GiB": 2**30}[unit]
+    return float(number) * scale
+
+
+def proxy_memory(env: dict, port: int, connections: int = 500, uploads: int = 64) -> dict:
+    """The proxy container's memory (cgroup), idle, with ``connections`` from one address holding
+    unfinished headers (each one a request buffer in HAProxy), and with ``uploads`` bodies past the 1 MiB
+    buffer stalled half-way (HAProxy's buffers plus nginx's spool files on the tmpfs)."""
+    project = env.get("BENCH_COMPOSE_PROJECT", "fashion-mnist-bench")
+    container = subprocess.run(
+        ["docker", "compose", "-p", project, "ps", "-q", "proxy"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+    def mib() -> float:
+        usage = docker_stats_memory(container)
+        return round(usage / 2**20, 1)
+
+    results = {"idle_mib": mib()}
+    for name, count, first in (
+        ("headers", connections, b"GET /healthz HTTP/1.1\r\nHost: memory\r\n"),
+        ("uploads", uploads, None),
+    ):
+        sockets = []
+        try:
+            for _ in range(count):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                sockets.append(sock)
+                if first is not None:
+                    sock.sendall(first)
+                else:
+                    sock.sendall(
+                        b"POST /predict HTTP/1.1\r\nHost: memory\r\nContent-Type: image/png\r\n"
+                        b"Content-Length: %d\r\n\r\n" % BIG_BODY + b"\0" * BIG_BODY_SENT
+                    )
+            time.sleep(3)  # well within the proxy's 10 s request timeout
+            results[f"{name}_{count}_mib"] = mib()
+        finally:
+            for sock in sockets:
+                sock.close()
+        time.sleep(1)
+    return results
+
+
 def compose(env: dict, *args: str, timeout: float = 1800) -> None:
     files = ["-f", "docker-compose.yml", "-f", "benchmarks/compose.direct.yaml"]
     project = env.get("BENCH_COMPOSE_PROJECT", "fashion-mnist-bench")
@@ -208,6 +286,7 @@ def main(args: argparse.Namespace) -> dict:
             results["attacks"] = {
                 name: attack_suite(url, slow_clients=6 * args.workers) for name, url in targets.items()
             }
+            results["proxy_memory"] = proxy_memory(env, proxy_port)
     finally:
         compose(env, "down", "--timeout", "10", timeout=300)
     return results
@@ -227,6 +306,8 @@ def report(results: dict) -> None:
             f"proxy/direct: {proxy['rps'] / direct['rps']:.2f} of the req/s, "
             f"p99 {proxy['p99_ms'] / direct['p99_ms']:.2f}x"
         )
+    if "proxy_memory" in results:
+        print(f"\nproxy container memory: {results['proxy_memory']}")
     for name, attack in results.get("attacks", {}).items():
         print(f"\nattacks against {name} ({attack['url']}):")
         for key, value in attack.items():

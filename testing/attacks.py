@@ -9,6 +9,7 @@ Loopback only: every function takes the host and port of the project's own serve
 
 from __future__ import annotations
 
+import functools
 import io
 import socket
 import threading
@@ -21,6 +22,10 @@ from PIL import Image
 
 BOMB_SIDE = 7_999  # 63,984,001 pixels: just under the default MAX_IMAGE_PIXELS (64,000,000)
 BOUNDARY = "fashion-attack-boundary"
+# The slow big body: more than the proxy's request buffer (PROXY_BUFFER_BYTES, 1 MiB) is sent at once,
+# then the rest trickles.
+BIG_BODY = 3 * 1024 * 1024
+BIG_BODY_SENT = 3 * 1024 * 1024 // 2
 
 
 def small_png() -> bytes:
@@ -30,6 +35,7 @@ def small_png() -> bytes:
     return buffer.getvalue()
 
 
+@functools.cache  # seconds of work per call, and the tests and benchmarks ask for it several times
 def bomb_png(side: int = BOMB_SIDE) -> bytes:
     """A PNG of side x side pixels that compresses to a few dozen KB (mostly one colour, a striped band)."""
     image = Image.new("L", (side, side), 0)
@@ -59,9 +65,10 @@ def bomb_request(count: int = 64, side: int = BOMB_SIDE) -> tuple[bytes, str]:
 
 @dataclass
 class SlowOutcome:
-    kind: str  # "header" or "body"
-    seconds: float  # from connecting until the server answered or closed
+    kind: str  # "header", "body" or "big_body"
+    seconds: float  # from connecting until the server answered or closed (or the client gave up)
     answer: bytes  # what the server sent (b"" when it closed without a word)
+    gave_up: bool = False  # still connected, unanswered, when the client's ``seconds`` were over
 
 
 @dataclass
@@ -69,20 +76,23 @@ class SlowClients:
     """Connections that send a request one byte (or header line) every ``gap`` seconds.
 
     ``headers`` of them never finish their headers; ``bodies`` send complete headers announcing a
-    1,000-byte body and trickle it. Each stops after ``seconds`` or when the server answers or closes.
+    1,000-byte body and trickle it; ``big_bodies`` announce BIG_BODY bytes, send the first
+    BIG_BODY_SENT of them at once (more than the proxy's 1 MiB buffer) and trickle the rest. Each stops
+    after ``seconds`` (gave_up) or when the server answers or closes.
     """
 
     host: str
     port: int
     headers: int = 0
     bodies: int = 0
+    big_bodies: int = 0
     seconds: float = 15.0
     gap: float = 2.0
     outcomes: list[SlowOutcome] = field(default_factory=list)
     _threads: list[threading.Thread] = field(default_factory=list)
 
     def start(self) -> SlowClients:
-        for kind in ["header"] * self.headers + ["body"] * self.bodies:
+        for kind in ["header"] * self.headers + ["body"] * self.bodies + ["big_body"] * self.big_bodies:
             thread = threading.Thread(target=self._run, args=(kind,), daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -96,16 +106,18 @@ class SlowClients:
     def _run(self, kind: str) -> None:
         started = time.monotonic()
         answer = b""
+        gave_up = False
         try:
             with socket.create_connection((self.host, self.port), timeout=5) as sock:
+                head = b"POST /predict HTTP/1.1\r\nHost: attack\r\nContent-Type: image/png\r\n"
                 if kind == "header":
-                    sock.sendall(b"POST /predict HTTP/1.1\r\nHost: attack\r\n")
+                    sock.sendall(head)
                     drip = b"X-Slow: 1\r\n"
+                elif kind == "body":
+                    sock.sendall(head + b"Content-Length: 1000\r\n\r\n")
+                    drip = b"\x00"
                 else:
-                    sock.sendall(
-                        b"POST /predict HTTP/1.1\r\nHost: attack\r\nContent-Type: image/png\r\n"
-                        b"Content-Length: 1000\r\n\r\n"
-                    )
+                    sock.sendall(head + b"Content-Length: %d\r\n\r\n" % BIG_BODY + b"\x00" * BIG_BODY_SENT)
                     drip = b"\x00"
                 sock.settimeout(self.gap)
                 while time.monotonic() - started < self.seconds:
@@ -116,11 +128,14 @@ class SlowClients:
                         pass
                     try:
                         sock.sendall(drip)
-                    except OSError:
+                    except OSError:  # the server closed: read what it said before
+                        answer = sock.recv(4096)
                         break
+                else:
+                    gave_up = True
         except OSError:
             pass
-        self.outcomes.append(SlowOutcome(kind, round(time.monotonic() - started, 2), answer))
+        self.outcomes.append(SlowOutcome(kind, round(time.monotonic() - started, 2), answer, gave_up))
 
 
 def probe(url: str, png: bytes, count: int, interval: float, timeout: float = 5.0) -> list[tuple[int | None, float]]:
@@ -140,25 +155,29 @@ def probe(url: str, png: bytes, count: int, interval: float, timeout: float = 5.
 
 
 def bombs_beside_a_normal_client(
-    url: str, bombs: int = 2, normal: int = 5, interval: float = 0.2
-) -> tuple[list[requests.Response], list[float], list[tuple[int | None, float]]]:
+    url: str, bombs: int = 2, normal: int = 5, interval: float = 0.2, timeout: float = 60, normal_timeout: float = 10
+) -> tuple[list[requests.Response | requests.RequestException], list[float], list[tuple[int | None, float]]]:
     """``bombs`` copies of ``bomb_request()`` posted at once while ``probe`` sends ``normal`` small requests:
-    (the bombs' responses, their seconds, the normal client's results)."""
+    (the bombs' responses, or the error when one got none, their seconds, the normal client's results)."""
     body, content_type = bomb_request()
-    answers: list[requests.Response] = []
+    answers: list[requests.Response | requests.RequestException] = []
     elapsed: list[float] = []
 
     def bomb() -> None:
         started = time.monotonic()
-        answers.append(requests.post(f"{url}/predict", data=body, headers={"Content-Type": content_type}, timeout=60))
+        try:
+            answer = requests.post(f"{url}/predict", data=body, headers={"Content-Type": content_type}, timeout=timeout)
+        except requests.RequestException as error:  # a server without the budget may never answer
+            answer = error
+        answers.append(answer)
         elapsed.append(round(time.monotonic() - started, 3))
 
     threads = [threading.Thread(target=bomb) for _ in range(bombs)]
     for thread in threads:
         thread.start()
-    results = probe(url, small_png(), count=normal, interval=interval, timeout=10)
+    results = probe(url, small_png(), count=normal, interval=interval, timeout=normal_timeout)
     for thread in threads:
-        thread.join(90)
+        thread.join(timeout + 30)
     return answers, elapsed, results
 
 

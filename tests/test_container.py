@@ -62,7 +62,8 @@ def test_containers_are_non_root_read_only_and_without_capabilities(stack, servi
     assert stack.compose("exec", "-T", service, "id", "-u").stdout.strip() == str(IMAGE_USER_ID)
     status = stack.compose("exec", "-T", service, "cat", "/proc/1/status").stdout
     fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
-    assert fields["Uid"].split()[0] == str(IMAGE_USER_ID)  # gunicorn or HAProxy itself, not an exec'd shell
+    # PID 1: gunicorn, or the proxy entry point that supervises HAProxy and nginx, as the image user
+    assert fields["Uid"].split()[0] == str(IMAGE_USER_ID)
     assert int(fields["CapEff"], 16) == 0 and int(fields["CapPrm"], 16) == 0
     assert fields["NoNewPrivs"].strip() == "1"
     for path in [*paths, "/etc/probe"]:

@@ -1,14 +1,17 @@
 """The front door for real: `docker compose up` with two api replicas behind the proxy, under attack.
 
 Hostile clients (testing/attacks.py) on loopback, every loop bounded in count and time: slow headers
-and slow bodies (more of them than there are sync workers), the 64-image decompression bomb, a 20 MB
-body, 500 connections from one address; then replicas stopped, added and restarted under load.
+and slow bodies, small and beyond the proxy's 1 MiB buffer (more of them than there are sync workers),
+late bodies, the 64-image decompression bomb, a 20 MB body, 500 connections from one address; then
+replicas stopped, added and restarted under load.
 Latencies are printed, not asserted to the millisecond; a hung service would miss the generous bounds.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
 import socket
 import subprocess
@@ -18,8 +21,17 @@ from collections import Counter
 
 import pytest
 import requests
+from PIL import Image
 
-from testing.attacks import SlowClients, bombs_beside_a_normal_client, hold_connections, probe, small_png
+from testing.attacks import (
+    SlowClients,
+    SlowOutcome,
+    bombs_beside_a_normal_client,
+    hold_connections,
+    multipart,
+    probe,
+    small_png,
+)
 from testing.containers import docker, needs_engine, running_stack
 
 REPLICAS = 2
@@ -39,6 +51,15 @@ def _json_error(response: requests.Response) -> dict:
     error = response.json()["error"]
     assert set(error) == {"status", "code", "message"} and error["status"] == response.status_code
     return error
+
+
+def _json_408(outcome: SlowOutcome) -> None:
+    """The slow client was answered the proxy's JSON 408 (read from the raw socket)."""
+    head, _, body = outcome.answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), outcome
+    assert b"content-type: application/json" in head.lower(), outcome
+    error = json.loads(body)["error"]
+    assert error == {"status": 408, "code": "request_timeout", "message": error["message"]}, outcome
 
 
 def container_logs(container: str) -> list[str]:
@@ -93,20 +114,63 @@ class Load:
 
 @needs_engine
 def test_slow_clients_do_not_hold_workers(stack):
-    """12 connections trickling headers or bodies (4 sync workers in all); a normal client is answered."""
-    slow = SlowClients("127.0.0.1", stack.port, headers=6, bodies=6, seconds=16).start()
+    """12 connections trickling headers, small bodies or bodies past the proxy's 1 MiB buffer (4 sync
+    workers in all): a normal client is answered within 1 s all along."""
+    slow = SlowClients("127.0.0.1", stack.port, headers=4, bodies=4, big_bodies=4, seconds=16).start()
     time.sleep(1)
     answers = probe(stack.url, small_png(), count=12, interval=1.0, timeout=5)
     outcomes = slow.join()
     print(f"normal client during the attack: {answers}")
-    print(f"slow clients: {[(o.kind, o.seconds, o.answer[:40]) for o in outcomes]}")
+    print(f"slow clients: {[(o.kind, o.seconds, o.gave_up, o.answer[:40]) for o in outcomes]}")
     assert [status for status, _ in answers] == [200] * len(answers)
-    assert max(seconds for _, seconds in answers) < 3
+    assert max(seconds for _, seconds in answers) < 1
     assert len(outcomes) == 12
     for outcome in outcomes:
-        # Cut off by the proxy's request timeout (10 s), without an HTML page.
-        assert outcome.seconds < 14, outcome
         assert b"<html" not in outcome.answer.lower(), outcome
+        if outcome.kind == "header":
+            # Headers not complete within the proxy's request timeout (10 s): closed without a word
+            # (HAProxy's parser could only send its HTML page; README, "The front door").
+            assert outcome.answer == b"" and not outcome.gave_up and outcome.seconds < 14, outcome
+        elif outcome.kind == "body":
+            # A body that fits the buffer, not complete 10 s after the headers: JSON 408.
+            assert outcome.seconds < 14, outcome
+            _json_408(outcome)
+        else:
+            # A byte every 2 s after 1.5 MB: nginx keeps spooling it (no 10 s gap), so it is still
+            # connected when it gives up; it never held a worker (the normal client's answers above).
+            assert outcome.gave_up and outcome.answer == b"", outcome
+
+
+@needs_engine
+def test_late_bodies_get_a_json_408_and_large_uploads_are_spooled_whole(stack):
+    # A 13 s pause in a small body (read by HAProxy) and in one past 1 MiB (spooled by nginx): JSON 408.
+    late = SlowClients("127.0.0.1", stack.port, bodies=1, big_bodies=1, gap=13, seconds=20).start()
+    # Meanwhile a batch of 3 noisy 700x700 PNGs (1.5 MB: through the spool) is answered like any other.
+    pngs = []
+    for _ in range(3):
+        buffer = io.BytesIO()
+        Image.frombytes("L", (700, 700), os.urandom(700 * 700)).save(buffer, "PNG")
+        pngs.append(buffer.getvalue())
+    body, content_type = multipart(pngs)
+    assert len(body) > 1024 * 1024
+    response = requests.post(
+        f"{stack.url}/predict", data=body, headers={"Content-Type": content_type, "X-Request-ID": "big-1"}, timeout=60
+    )
+    assert response.status_code == 200, response.text[:300]
+    assert len(response.json()["predictions"]) == 3 and response.headers["X-Request-ID"] == "big-1"
+    # A chunked body (no Content-Length for HAProxy to check) over MAX_UPLOAD_BYTES: nginx's JSON 413.
+    chunks = (b"\0" * (1024 * 1024) for _ in range(20))
+    response = requests.post(f"{stack.url}/predict", data=chunks, headers={"Content-Type": "image/png"}, timeout=60)
+    assert response.status_code == 413 and _json_error(response)["code"] == "payload_too_large"
+
+    outcomes = late.join()
+    print(f"late bodies: {[(o.kind, o.seconds, o.answer[:40]) for o in outcomes]}")
+    assert sorted(o.kind for o in outcomes) == ["big_body", "body"]
+    for outcome in outcomes:
+        assert 9 < outcome.seconds < 13, outcome
+        _json_408(outcome)
+    logs = "\n".join(container_logs(stack.container_id("proxy")))
+    assert '"frontend":"spooled","request_id":"big-1"' in logs and '"server":"spool/spool"' in logs
 
 
 @needs_engine
@@ -115,6 +179,7 @@ def test_the_bomb_request_is_refused_with_json_while_the_service_keeps_answering
     print(f"bombs answered in {elapsed} s; normal client meanwhile: {normal}")
     assert [status for status, _ in normal] == [200] * 5
     for response in answers:
+        assert isinstance(response, requests.Response), response
         assert response.status_code == 413, response.text[:300]
         assert _json_error(response)["code"] == "request_too_large"
 
