@@ -72,7 +72,7 @@ def attack_suite(url: str, slow_clients: int) -> dict:
     results: dict = {"url": url}
 
     # Slow clients (one byte or header line every 2 s): headers, small bodies and bodies that send more
-    # than the proxy's 1 MiB buffer at once first, ``slow_clients`` of each; then 5 normal requests over
+    # than the proxy's 64 KiB buffer at once first, ``slow_clients`` of each; then 5 normal requests over
     # 15 s, each allowed 15 s.
     slow = SlowClients(host, port, headers=slow_clients, bodies=slow_clients, big_bodies=slow_clients, seconds=20)
     slow.start()
@@ -194,7 +194,7 @@ def docker_stats_memory(container: str) -> float:
 
 def proxy_memory(env: dict, port: int, connections: int = 500, uploads: int = 64) -> dict:
     """The proxy container's memory (cgroup), idle, with ``connections`` from one address holding
-    unfinished headers (each one a request buffer in HAProxy), and with ``uploads`` bodies past the 1 MiB
+    unfinished headers (each one a request buffer in HAProxy), and with ``uploads`` bodies past the 64 KiB
     buffer stalled half-way (HAProxy's buffers plus nginx's spool files on the tmpfs)."""
     project = env.get("BENCH_COMPOSE_PROJECT", "fashion-mnist-bench")
     container = subprocess.run(

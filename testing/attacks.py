@@ -22,7 +22,7 @@ from PIL import Image
 
 BOMB_SIDE = 7_999  # 63,984,001 pixels: just under the default MAX_IMAGE_PIXELS (64,000,000)
 BOUNDARY = "fashion-attack-boundary"
-# The slow big body: more than the proxy's request buffer (PROXY_BUFFER_BYTES, 1 MiB) is sent at once,
+# The slow big body: more than the proxy's request buffer (PROXY_BUFFER_BYTES, 64 KiB) is sent at once,
 # then the rest trickles.
 BIG_BODY = 3 * 1024 * 1024
 BIG_BODY_SENT = 3 * 1024 * 1024 // 2
@@ -77,7 +77,7 @@ class SlowClients:
 
     ``headers`` of them never finish their headers; ``bodies`` send complete headers announcing a
     1,000-byte body and trickle it; ``big_bodies`` announce BIG_BODY bytes, send the first
-    BIG_BODY_SENT of them at once (more than the proxy's 1 MiB buffer) and trickle the rest. Each stops
+    BIG_BODY_SENT of them at once (more than the proxy's 64 KiB buffer) and trickle the rest. Each stops
     after ``seconds`` (gave_up) or when the server answers or closes.
     """
 

@@ -1,7 +1,7 @@
 """The front door for real: `docker compose up` with two api replicas behind the proxy, under attack.
 
 Hostile clients (testing/attacks.py) on loopback, every loop bounded in count and time: slow headers
-and slow bodies, small and beyond the proxy's 1 MiB buffer (more of them than there are sync workers),
+and slow bodies, small and beyond the proxy's 64 KiB buffer (more of them than there are sync workers),
 late bodies, the 64-image decompression bomb, a 20 MB body, 500 connections from one address; then
 replicas stopped, added and restarted under load.
 Latencies are printed, not asserted to the millisecond; a hung service would miss the generous bounds.
@@ -114,7 +114,7 @@ class Load:
 
 @needs_engine
 def test_slow_clients_do_not_hold_workers(stack):
-    """12 connections trickling headers, small bodies or bodies past the proxy's 1 MiB buffer (4 sync
+    """12 connections trickling headers, small bodies or bodies past the proxy's 64 KiB buffer (4 sync
     workers in all): a normal client is answered within 1 s all along."""
     slow = SlowClients("127.0.0.1", stack.port, headers=4, bodies=4, big_bodies=4, seconds=16).start()
     time.sleep(1)
@@ -143,7 +143,7 @@ def test_slow_clients_do_not_hold_workers(stack):
 
 @needs_engine
 def test_late_bodies_get_a_json_408_and_large_uploads_are_spooled_whole(stack):
-    # A 13 s pause in a small body (read by HAProxy) and in one past 1 MiB (spooled by nginx): JSON 408.
+    # A 13 s pause in a small body (read by HAProxy) and in one past the 64 KiB buffer (spooled by nginx): JSON 408.
     late = SlowClients("127.0.0.1", stack.port, bodies=1, big_bodies=1, gap=13, seconds=20).start()
     # Meanwhile a batch of 3 noisy 700x700 PNGs (1.5 MB: through the spool) is answered like any other.
     pngs = []
