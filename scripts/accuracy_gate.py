@@ -38,17 +38,22 @@ def card_accuracy(card_file: Path) -> float:
     Reads the card as ``fashion.checkpoint.read_card`` does, with the same messages, but without
     importing it: that module needs torch, and the gate runs on the host's bare python3 (retrain.sh).
     """
-    try:
-        card = json.loads(card_file.read_text())
-    except FileNotFoundError:
-        raise GateError(f"no model card at {card_file}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise GateError(f"the model card {card_file} cannot be read: {error}") from None
+    card = _read_json(card_file, "model card")
     metrics = card.get("metrics") if isinstance(card, dict) else None
     accuracy = metrics.get("test_accuracy") if isinstance(metrics, dict) else None
     if isinstance(accuracy, bool) or not isinstance(accuracy, int | float) or not 0.0 <= accuracy <= 1.0:
         raise GateError(f"the model card {card_file} has no metrics.test_accuracy between 0 and 1")
     return float(accuracy)
+
+
+def _read_json(path: Path, what: str):
+    """The JSON document in ``path``, or GateError: "no <what> at ...", or why it cannot be read."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GateError(f"no {what} at {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise GateError(f"the {what} {path} cannot be read: {error}") from None
 
 
 def judge(current: float | None, new: float, max_drop_points: float) -> tuple[bool, str]:
@@ -65,12 +70,7 @@ def judge(current: float | None, new: float, max_drop_points: float) -> tuple[bo
 
 def probe_verdict(report_file: Path) -> dict:
     """The ``fashion-models validate --report`` verdict: {"accepted": bool, "reason", "message", ...}, or GateError."""
-    try:
-        report = json.loads(report_file.read_text())
-    except FileNotFoundError:
-        raise GateError(f"no probe validation report at {report_file}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise GateError(f"the probe validation report {report_file} cannot be read: {error}") from None
+    report = _read_json(report_file, "probe validation report")
     if not isinstance(report, dict) or not isinstance(report.get("accepted"), bool):
         raise GateError(f"the probe validation report {report_file} has no accepted: true|false")
     return report
