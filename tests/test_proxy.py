@@ -275,7 +275,9 @@ def test_replicas_share_the_load_fail_over_scale_and_restart_without_losing_a_re
     # `docker compose restart api` under load: every replica restarts; the proxy waits and retries.
     with Load(stack.url, threads=4, seconds=120) as load:
         time.sleep(2)
-        stack.compose("restart", "api", timeout=180)
+        # --timeout as the api's stop_grace_period (35 s): Docker applies it by itself, but podman's Docker
+        # API (this engine) kills a container at once on `restart` without it, which cuts answers mid-body.
+        stack.compose("restart", "--timeout", "35", "api", timeout=180)
         stack.wait_ready()
         time.sleep(2)
     print(f"restart api under load: {dict(load.statuses)}")
