@@ -387,6 +387,13 @@ def stage_costs(args: argparse.Namespace, images: int = 500, rounds: int = 7) ->
     return {name: statistics.median(values) for name, values in costs.items()}
 
 
+def _judged(judge, inputs, logits, index: int) -> None:
+    import torch
+
+    with torch.inference_mode():
+        judge.judge(inputs[index : index + 1], logits[index : index + 1])
+
+
 def _stages_of_this_checkout(app, blobs: list[bytes], environs: list[dict]) -> dict:
     """The steps of a /predict, each callable with an image's index."""
     import io as _io
@@ -395,13 +402,18 @@ def _stages_of_this_checkout(app, blobs: list[bytes], environs: list[dict]) -> d
 
     from fashion.contract import to_fashion_mnist
     from fashion.images import decode_image
-    from service.web import crop_pixels, decode_crop, prediction_json, read_images, to_inputs
+    from service.web import crop_pixels, decode_crop, prediction_json, read_images, to_inputs, verdict_json
 
     runner = app.extensions["model_runner"]
     model = runner.current
     decoded = [decode_image(blob) for blob in blobs]
     batches = [to_inputs([blob], "auto", 10**8) for blob in blobs]
-    rows = [row.tolist() for row in model.predict(torch.cat(batches))]
+    verdicts = model.predict(torch.cat(batches))
+    rows = [row.tolist() for row in verdicts.probabilities]
+    trust = list(map(verdict_json, verdicts.calibrated, verdicts.reasons))
+    judge, inputs = model.judge, torch.cat(batches)
+    with torch.inference_mode():
+        logits = model.model(inputs)
 
     def reading(index: int) -> None:
         environ = dict(environs[index], **{"wsgi.input": _io.BytesIO(blobs[index])})
@@ -415,9 +427,12 @@ def _stages_of_this_checkout(app, blobs: list[bytes], environs: list[dict]) -> d
         "crop_pixels (a decoded crop's pixels, inverted if asked)": lambda i: crop_pixels(decoded[i], "auto"),
         "to_fashion_mnist (the general photo path)": lambda i: to_fashion_mnist(decoded[i], "auto"),
         "to_inputs (decode + pixels + normalized tensor)": lambda i: to_inputs([blobs[i]], "auto", 10**8),
-        "model forward + softmax": lambda i: model.predict(batches[i]),
-        "runner.predict (forward + softmax + metrics)": lambda i: runner.predict(model, batches[i]),
-        "prediction_json (the answer's JSON text)": lambda i: prediction_json(rows[i], 0, model.identity_json),
+        "model forward + softmax + judge": lambda i: model.predict(batches[i]),
+        "judge alone (calibration + not-a-garment detector)": lambda i: _judged(judge, inputs, logits, i),
+        "runner.predict (forward + softmax + judge + metrics)": lambda i: runner.predict(model, batches[i]),
+        "prediction_json (the answer's JSON text)": lambda i: prediction_json(
+            rows[i], 0, model.identity_json, trust[i]
+        ),
     }
     return stages
 

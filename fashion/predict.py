@@ -112,7 +112,7 @@ def predict(args: argparse.Namespace) -> list[dict]:
     return [
         answer(path, probabilities, calibrated, reason, args.top_k)
         for path, probabilities, calibrated, reason in zip(
-            args.images, verdicts.probabilities.tolist(), verdicts.calibrated.tolist(), verdicts.reasons, strict=True
+            args.images, verdicts.probabilities.tolist(), verdicts.calibrated, verdicts.reasons, strict=True
         )
     ]
 

@@ -24,6 +24,7 @@ A model without this section in its card (an old one, a hand-made test model) is
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -89,7 +90,7 @@ class Verdicts:
     """One batch's answers: raw softmax, calibrated confidence of the argmax, and why each is uncertain."""
 
     probabilities: torch.Tensor  # [N, 10] softmax(logits), the model's own numbers
-    calibrated: torch.Tensor  # [N] softmax(logits / T) at the argmax
+    calibrated: list[float]  # per image: softmax(logits / T) at the argmax
     reasons: list[str | None]  # per image: None (certain), NOT_A_GARMENT or LOW_CONFIDENCE
 
 
@@ -102,6 +103,15 @@ class Judge:
         self.config = config
         self.detector = detector.eval() if detector is not None else None
         self.inverse_temperature = 1.0 / config.temperature
+        self._unpack_detector()
+
+    def _unpack_detector(self) -> None:
+        """The detector's tensors, for calling its arithmetic directly (ood_scores)."""
+        if self.detector is None:
+            return
+        _, first, _, last = self.detector  # Flatten, Linear, ReLU, Linear(hidden, 1)
+        self._first_weight, self._first_bias = first.weight.detach(), first.bias.detach()
+        self._last_weight, self._last_bias = last.weight.detach()[0], float(last.bias.detach()[0])
 
     @classmethod
     def neutral(cls) -> Judge:
@@ -111,29 +121,43 @@ class Judge:
     def to(self, device: torch.device) -> Judge:
         if self.detector is not None:
             self.detector.to(device)
+            self._unpack_detector()
         return self
 
-    def ood_scores(self, inputs: torch.Tensor) -> torch.Tensor | None:
-        """The detector's logits [N] for normalized inputs (None without a detector)."""
+    def ood_scores(self, inputs: torch.Tensor) -> list[float] | None:
+        """The detector's logits, one per normalized input (None without a detector)."""
         if self.detector is None:
             return None
-        # The detector's own arithmetic (Flatten, Linear, ReLU, Linear) without nn.Module.__call__'s
-        # hook machinery, which costs more than the 50k multiply-adds for one image.
-        _, first, _, last = self.detector
-        hidden = torch.relu_(F.linear(inputs.reshape(len(inputs), -1), first.weight, first.bias))
-        return F.linear(hidden, last.weight, last.bias).squeeze(1)
+        # The detector's own arithmetic (Flatten, Linear, ReLU, Linear) in three calls, without
+        # nn.Module.__call__'s hook machinery: for one image, each torch call costs more than its
+        # arithmetic (50k multiply-adds in all).
+        hidden = torch.relu_(F.linear(inputs.reshape(len(inputs), -1), self._first_weight, self._first_bias))
+        return [score + self._last_bias for score in torch.mv(hidden, self._last_weight).tolist()]
 
     def judge(self, inputs: torch.Tensor, logits: torch.Tensor) -> Verdicts:
         """Call under torch.inference_mode, with ``inputs`` and ``logits`` on the model's device."""
         probabilities = torch.softmax(logits, dim=1)
-        # max softmax(z / T) = 1 / sum(exp((z - max z) / T)): one reduction instead of a second softmax.
-        shifted = (logits - logits.amax(dim=1, keepdim=True)).mul_(self.inverse_temperature)
-        calibrated = shifted.exp_().sum(dim=1).reciprocal_()
-        low = (calibrated < self.config.low_confidence_below).tolist()
+        # max softmax(z / T) = 1 / sum(exp((z - max z) / T)). For a few images in plain Python on the ten
+        # logits (one torch call instead of six; a single image is the common request), else in torch.
+        if len(logits) <= 8:
+            inverse_t = self.inverse_temperature
+            calibrated = [
+                1.0 / sum(math.exp((value - top) * inverse_t) for value in row)
+                for row in logits.tolist()
+                for top in (max(row),)
+            ]
+        else:
+            shifted = (logits - logits.amax(dim=1, keepdim=True)).mul_(self.inverse_temperature)
+            calibrated = shifted.exp_().sum(dim=1).reciprocal_().tolist()
+        below, threshold = self.config.low_confidence_below, self.config.ood_threshold
         scores = self.ood_scores(inputs)
-        foreign = (scores > self.config.ood_threshold).tolist() if scores is not None else [False] * len(low)
-        reasons = [NOT_A_GARMENT if f else LOW_CONFIDENCE if lo else None for f, lo in zip(foreign, low, strict=True)]
-        return Verdicts(probabilities.cpu(), calibrated.cpu(), reasons)
+        if scores is None:
+            scores, threshold = [0.0] * len(calibrated), math.inf
+        reasons = [
+            NOT_A_GARMENT if score > threshold else LOW_CONFIDENCE if confidence < below else None
+            for score, confidence in zip(scores, calibrated, strict=True)
+        ]
+        return Verdicts(probabilities.cpu(), calibrated, reasons)
 
 
 def split_state(state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:

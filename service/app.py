@@ -133,7 +133,7 @@ def register_routes(app: Flask, settings: Settings, runner: ModelRunner) -> None
         blobs, batch = read_images(max_batch)
         verdicts = runner.predict(model, to_inputs(blobs, invert, max_pixels))
         rows, reasons = verdicts.probabilities.tolist(), verdicts.reasons
-        trust = list(map(verdict_json, verdicts.calibrated.tolist(), reasons))
+        trust = list(map(verdict_json, verdicts.calibrated, reasons))
         if batch:
             answers = [prediction_json(row, top_k, verdict=verdict) for row, verdict in zip(rows, trust, strict=True)]
             req.label = [CLASS_NAMES[class_id] for _, class_id in answers]

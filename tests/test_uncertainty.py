@@ -43,7 +43,7 @@ def test_judge_known_answer():
     verdicts = judge.judge(inputs, logits)
 
     by_hand = [math.exp(2) / (math.exp(2) + 9), math.exp(2) / (math.exp(2) + 9), math.exp(0.1) / (math.exp(0.1) + 9)]
-    assert verdicts.calibrated.tolist() == pytest.approx(by_hand, rel=1e-6)
+    assert verdicts.calibrated == pytest.approx(by_hand, rel=1e-6)
     assert verdicts.probabilities[0, 0].item() == pytest.approx(math.exp(4) / (math.exp(4) + 9), rel=1e-6)
     # 1: a garment at 0.45 calibrated; 2: a garment at 0.11 < 0.3
     assert verdicts.reasons == [NOT_A_GARMENT, None, LOW_CONFIDENCE]
@@ -57,7 +57,7 @@ def test_a_model_without_a_trust_section_never_flags(tmp_path):
     with torch.inference_mode():
         verdicts = judge.judge(inputs, model(inputs))
     assert verdicts.reasons == [None] * 4 and "trust" not in card
-    torch.testing.assert_close(verdicts.calibrated, verdicts.probabilities.amax(dim=1))
+    torch.testing.assert_close(torch.tensor(verdicts.calibrated), verdicts.probabilities.amax(dim=1))
 
 
 def _model_with_trust(path, detector, hidden=4):
@@ -179,7 +179,7 @@ def test_answers_match_the_offline_judge(bundled_model_dir, tmp_path, sets):
                 server.url + "/predict", data=png(image.numpy()), headers={"Content-Type": "image/png"}, timeout=30
             ).json()
             assert answer.get("reason") == offline.reasons[i]
-            assert answer["calibrated_confidence"] == pytest.approx(offline.calibrated[i].item(), abs=1e-6)
+            assert answer["calibrated_confidence"] == pytest.approx(offline.calibrated[i], abs=1e-6)
 
 
 def test_training_fits_trust_and_the_detector_it_saves_is_the_one_served(tmp_path, data_root):
