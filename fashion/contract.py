@@ -9,6 +9,7 @@ disagrees with them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -17,6 +18,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import nn
+
+from fashion.images import ImageError
+
+log = logging.getLogger(__name__)
 
 # Fashion-MNIST's label order: index i of the model's output is CLASS_NAMES[i].
 CLASS_NAMES: tuple[str, ...] = (
@@ -283,6 +288,21 @@ def to_fashion_mnist(image: Image.Image, invert: InvertMode = "auto") -> Image.I
     if invert not in INVERT_MODES:
         raise ValueError(f"invert must be one of {INVERT_MODES}, got {invert!r}")
     return fit_to_canvas(inverted_as_asked(to_grayscale(image), invert))
+
+
+def preprocessed_row(image: Image.Image, invert: InvertMode = "auto") -> bytes:
+    """A decoded image -> the 784 bytes of its to_fashion_mnist canvas, what the model sees.
+
+    A decodable image in a layout the conversion cannot take is an ImageError with one message, the
+    same for the service and ``fashion-predict``; the cause goes to the log."""
+    try:
+        return to_fashion_mnist(image, invert).tobytes()
+    except Exception as error:  # whatever Pillow raises on a mode or layout it cannot convert
+        log.warning(
+            "preprocessing failed",
+            extra={"image_format": image.format, "image_mode": image.mode, "error": repr(error)},
+        )
+        raise ImageError("the image cannot be converted to grayscale") from None
 
 
 def inverted_as_asked(gray: Image.Image, invert: InvertMode) -> Image.Image:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from fashion.checkpoint import CheckpointError, load_judged
-from fashion.contract import CLASS_NAMES, INVERT_MODES, NUM_CLASSES, pixel_rows_to_input, to_fashion_mnist
+from fashion.contract import CLASS_NAMES, INVERT_MODES, NUM_CLASSES, pixel_rows_to_input, preprocessed_row
 from fashion.images import DEFAULT_MAX_PIXELS, ImageError, decode_images
 from fashion.probe import CandidateRejected, ProbeError, ValidationPolicy, validate_candidate
 
@@ -56,11 +56,9 @@ def decode(path: Path, invert: str) -> bytes:
         raise PredictError(f"{path}: cannot be read: {error.strerror}") from None
     try:
         (image,) = decode_images([blob], DEFAULT_MAX_PIXELS)
-        return to_fashion_mnist(image, invert).tobytes()
+        return preprocessed_row(image, invert)
     except ImageError as error:
         raise PredictError(f"{path}: {error}") from None
-    except Exception:  # a decodable image in a layout preprocessing cannot take, as the service says
-        raise PredictError(f"{path}: the image cannot be converted to grayscale") from None
 
 
 def answer(path: Path, probabilities: list[float], calibrated: float, reason: str | None, top_k: int) -> dict:

@@ -13,7 +13,6 @@ This module imports neither the app nor the routes, so ``service.app`` (POST /pr
 from __future__ import annotations
 
 import json
-import logging
 import struct
 import time
 import zlib
@@ -32,14 +31,13 @@ from fashion.contract import (
     NUM_CLASSES,
     inverted_as_asked,
     pixel_rows_to_input,
-    to_fashion_mnist,
+    preprocessed_row,
 )
 from fashion.images import MEDIA_TYPES, ImageError, decode_images
 
 if TYPE_CHECKING:
     from service.model import ModelRunner
 
-log = logging.getLogger(__name__)
 
 # application/octet-stream is for clients that do not know the type: the bytes are sniffed anyway.
 ANY_BYTES = "application/octet-stream"
@@ -242,14 +240,10 @@ def _general_rows(
         pixels = crop_pixels(image, invert)
         if pixels is None:
             try:
-                pixels = to_fashion_mnist(image, invert).tobytes()
-            except Exception as error:  # a decodable image in a layout preprocessing cannot take
-                log.warning(
-                    "preprocessing failed",
-                    extra={"image_format": image.format, "image_mode": image.mode, "error": repr(error)},
-                )
+                pixels = preprocessed_row(image, invert)
+            except ImageError as error:
                 where = f"image {index}: " if len(blobs) > 1 else ""
-                raise ServiceError(400, "invalid_image", f"{where}the image cannot be converted to grayscale") from None
+                raise ServiceError(error.status, error.code, f"{where}{error}") from None
         rows.append(pixels)
     return rows
 

@@ -134,3 +134,21 @@ def test_cnn_config_builds_a_sequential_and_round_trips():
     for bad in ({"kind": "cnn", "channels": ()}, {"kind": "cnn", "channels": (8, 8, 8, 8)}, {"channels": (8,)}):
         with pytest.raises(ValueError):
             ModelConfig(**bad)
+
+
+def test_preprocessed_row_is_the_canvas_and_refuses_what_it_cannot_convert(tmp_path, capsys):
+    """The one image-to-pixels step of the service's general path and fashion-predict."""
+    from fashion.contract import preprocessed_row, to_fashion_mnist
+    from fashion.images import ImageError
+    from fashion.predict import main as fashion_predict
+
+    photo = Image.new("RGB", (60, 90), (250, 250, 250))
+    photo.paste((20, 20, 20), (10, 20, 50, 80))
+    assert preprocessed_row(photo) == to_fashion_mnist(photo).tobytes()
+    with pytest.raises(ImageError, match="cannot be converted to grayscale"):
+        preprocessed_row(Image.new("LAB", (40, 30)))
+    # The command line says the same, with the file's name: a TIFF can carry LAB.
+    lab = tmp_path / "lab.tif"
+    Image.new("LAB", (40, 30)).save(lab)
+    assert fashion_predict([str(lab)]) == 2
+    assert f"{lab}: the image cannot be converted to grayscale" in capsys.readouterr().err
