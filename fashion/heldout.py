@@ -34,9 +34,10 @@ def held_out_indices(train_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return torch.cat(probe).sort().values, torch.cat(calibration).sort().values
 
 
-def training_indices(train_labels: torch.Tensor) -> torch.Tensor:
-    """Every training-split index that is neither probe nor calibration, in order."""
+def split(train_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices to learn from, the validation split: probe then calibration) of the training split."""
+    probe, calibration = held_out_indices(train_labels)
+    validation = torch.cat([probe, calibration])
     keep = torch.ones(len(train_labels), dtype=torch.bool)
-    for part in held_out_indices(train_labels):
-        keep[part] = False
-    return keep.nonzero().flatten()
+    keep[validation] = False
+    return keep.nonzero().flatten(), validation

@@ -32,7 +32,7 @@ from fashion.checkpoint import (
     write_file_atomically,
 )
 from fashion.contract import ARCHITECTURES, CLASS_NAMES, NUM_CLASSES, ModelConfig, build_model, pixels_to_input
-from fashion.heldout import held_out_indices, training_indices
+from fashion.heldout import split as held_out_split
 from fashion.probe import probe_record
 from training.data import (
     DEBIAN_DIR,
@@ -647,14 +647,12 @@ def write_outputs(
     return save_checkpoint(model, card, output_dir, detector=detector)
 
 
-def split_training_set(train_set: FastFashionMNIST) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs to learn from, (validation inputs, labels)): the held-out split (fashion.heldout) kept apart."""
-    probe, calibration = held_out_indices(train_set.targets)
-    validation = torch.cat([probe, calibration])
-    return train_set.inputs[training_indices(train_set.targets)], (
-        train_set.inputs[validation],
-        train_set.targets[validation],
-    )
+def hold_out(train_set: FastFashionMNIST) -> tuple[torch.Tensor, torch.Tensor]:
+    """Take the held-out split (fashion.heldout) out of ``train_set``; return it as (inputs, labels)."""
+    kept, validation = held_out_split(train_set.targets)
+    held = train_set.inputs[validation], train_set.targets[validation]
+    train_set.inputs, train_set.target_vectors = train_set.inputs[kept], train_set.target_vectors[kept]
+    return held
 
 
 def build_card(
@@ -767,10 +765,8 @@ def main(args: argparse.Namespace) -> int:
         "test_images": len(test_set),
     }
     # The held-out split (probe + calibration) is never learned from: the model is judged and calibrated on it.
-    _, validation = split_training_set(train_set)
-    kept = training_indices(train_set.targets)
-    train_set.inputs, train_set.target_vectors = train_set.inputs[kept], train_set.target_vectors[kept]
-    data["train_images"] = len(kept)
+    validation = hold_out(train_set)
+    data["train_images"] = len(train_set.inputs)
     data["held_out_images"] = len(validation[1])
     parts = [train_set]
     if config.limit_train is not None and config.limit_train < len(train_set):

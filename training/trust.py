@@ -156,9 +156,8 @@ def fit_trust(
         "fitted_on": f"validation split: {len(validation_labels)} held-out training images (fashion.heldout)",
         "validation": _shares(judge, validation_inputs, validation_logits, validation_labels),
         "test": _shares(judge, test_inputs, test_logits, test_labels),
-        "fit_seconds": None,
+        "fit_seconds": round(time.perf_counter() - started, 2),
     }
-    section["fit_seconds"] = round(time.perf_counter() - started, 2)
     ece, test = section["expected_calibration_error"]["test"], section["test"]
     log(
         f"trust: T={temperature:.3f}, test ECE {ece['before']:.4f} -> {ece['after']:.4f}, test uncertain "
@@ -179,7 +178,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> int:
     from fashion.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from training.data import DataError, FastFashionMNIST, default_data_root, ensure_fashion_mnist
-    from training.train import split_training_set
+    from training.train import hold_out
 
     try:
         model, card = load_checkpoint(args.model_dir)
@@ -188,10 +187,10 @@ def main(args: argparse.Namespace) -> int:
     except (CheckpointError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    train_inputs, validation = split_training_set(train_set)
+    validation = hold_out(train_set)
     detector, section = fit_trust(
         model,
-        train_inputs,
+        train_set.inputs,
         validation,
         (test_set.inputs, test_set.targets),
         args.seed,
