@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> dict[str, float]:
         predicted = []
         for start in range(0, len(blobs), 64):
             batch = to_inputs(blobs[start : start + 64], "auto", DEFAULT_MAX_PIXELS)
-            predicted += runner.predict(runner.require(), batch).argmax(1).tolist()
+            predicted += runner.predict(runner.require(), batch).probabilities.argmax(1).tolist()
         seconds = time.perf_counter() - started
         accuracy = float(np.mean(np.array(predicted) == labels))
         plain = accuracy if plain is None else plain

@@ -50,3 +50,16 @@ def parse_bounded(
             requirement = f"a finite number {requirement}"
         raise ValueError(f"must be {requirement}, got {text}")
     return value
+
+
+def argparse_type(kind: type, **bounds):
+    """An argparse ``type`` for parse_bounded: a bad value exits 2 with its message."""
+    import argparse
+
+    def parse(text: str):
+        try:
+            return parse_bounded(text, kind, **bounds)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -34,12 +33,12 @@ from fashion.checkpoint import (
     sha256_bytes,
     write_file_atomically,
 )
+from fashion.policy import VERSION_PATTERN
 
 HISTORY_DIR = "history"
 ACCEPTED_FILE = ".accepted.json"
 ENTRY_FILE = "history.json"
 DEFAULT_KEEP = 5
-VERSION_PATTERN = re.compile(r"[0-9a-f]{12}")
 
 
 def now() -> str:

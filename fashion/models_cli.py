@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from fashion import history
-from fashion.checkpoint import CARD_FILE, CheckpointError, load_checkpoint
+from fashion.bounds import argparse_type
+from fashion.checkpoint import CARD_FILE, CheckpointError, load_judged
 from fashion.probe import CandidateRejected, ProbeError, ValidationPolicy, validate_candidate
 
 OK, REFUSED, BAD_INPUT = 0, 1, 2
@@ -31,14 +32,7 @@ class UsageError(Exception):
     """Bad input: the CLI prints the message on one line and exits 2."""
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+_positive = argparse_type(int, minimum=1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +89,7 @@ def _model_folder(path: Path, what: str) -> Path:
 def judge(path: Path, policy: ValidationPolicy) -> dict:
     """The verdict on the model in ``path``: accepted, version, reason, message, measured."""
     try:
-        model, card = load_checkpoint(path)
+        model, card, _ = load_judged(path)  # as the service loads it: card and detector must agree too
     except CheckpointError as error:
         return {"accepted": False, "version": None, "reason": INVALID_CHECKPOINT, "message": str(error)}
     version = history.version_of(card)

@@ -17,8 +17,8 @@ the service, the ``fashion-models`` CLI and the retrain gate score the candidate
 
 The images are ``fashion.heldout.held_out_indices(labels)[0]`` of the training split
 (``scripts/make_probe.py`` writes ``probe.safetensors`` from the real data), not the test set
-whose numbers the card reports. The bundled model of this revision was trained before the split
-existed, so it has seen these images; the next retrain removes them from training.
+whose numbers the card reports. Training leaves these images out (with the calibration set), so a
+model has never learned from its probe.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import functools
 import hashlib
 import os
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +35,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from fashion.bounds import parse_bounded
 from fashion.contract import INPUT_HEIGHT, INPUT_WIDTH, NUM_CLASSES, pixels_to_input
+from fashion.policy import ValidationPolicy
 
 PROBE_FILE = Path(__file__).with_name("probe.safetensors")
 PROBE_IMAGES = 1000
@@ -45,9 +44,6 @@ PROBE_IMAGES = 1000
 # activations are 100 KB per image; 250 keeps them near 25 MB whatever the architecture.
 PROBE_BATCH = 250
 
-DEFAULT_MIN_ACCURACY = 0.80
-DEFAULT_MAX_DROP = 0.03
-DEFAULT_MIN_AGREEMENT = 0.99
 
 # Reason codes (the rejection metric's label values, the CLI's and the gate's verdicts).
 NO_PROBE_RECORD = "no_probe_record"
@@ -71,6 +67,7 @@ class CandidateRejected(Exception):
         self.reason = reason
         self.message = message
         self.measured = measured
+        self.version: str | None = None  # the candidate's, set by whoever loaded it (service.model)
 
 
 @dataclass(frozen=True)
@@ -174,35 +171,6 @@ def probe_record(model: nn.Module) -> dict:
 
 
 # --------------------------------------------------------------------------- the rule
-
-
-@dataclass(frozen=True)
-class ValidationPolicy:
-    """When a candidate is refused; the environment variables of the same names set it."""
-
-    min_accuracy: float = DEFAULT_MIN_ACCURACY  # MIN_PROBE_ACCURACY: the absolute floor
-    max_drop: float = DEFAULT_MAX_DROP  # MAX_PROBE_DROP: allowed shortfall against the card's claims
-    min_agreement: float = DEFAULT_MIN_AGREEMENT  # MIN_PROBE_AGREEMENT: share of recorded predictions reproduced
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> ValidationPolicy:
-        """The policy from MIN_PROBE_ACCURACY, MAX_PROBE_DROP, MIN_PROBE_AGREEMENT; ValueError naming a bad one."""
-        environ = os.environ if environ is None else environ
-        values = {}
-        for field, name, default in (
-            ("min_accuracy", "MIN_PROBE_ACCURACY", cls.min_accuracy),
-            ("max_drop", "MAX_PROBE_DROP", cls.max_drop),
-            ("min_agreement", "MIN_PROBE_AGREEMENT", cls.min_agreement),
-        ):
-            raw = environ.get(name, "").strip()
-            try:
-                values[field] = parse_bounded(raw, float, minimum=0.0, maximum=1.0) if raw else default
-            except ValueError as error:
-                raise ValueError(f"{name}={raw!r}: {error}") from None
-        return cls(**values)
-
-    def describe(self) -> dict:
-        return {"min_accuracy": self.min_accuracy, "max_drop": self.max_drop, "min_agreement": self.min_agreement}
 
 
 def _number(value) -> float | None:

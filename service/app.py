@@ -24,7 +24,6 @@ from PIL import Image
 from werkzeug.exceptions import HTTPException
 
 from fashion.contract import CLASS_NAMES
-from fashion.probe import ValidationPolicy
 from service import metrics, openapi, v2_routes
 from service.config import Settings
 from service.logs import access_line, configure_logging, write_line
@@ -97,7 +96,7 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
     app = ServiceFlask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     app.config["SETTINGS"] = settings
-    policy = ValidationPolicy(settings.min_probe_accuracy, settings.max_probe_drop, settings.min_probe_agreement)
+    policy = settings.probe_policy
     runner = ModelRunner(settings.model_dir, settings.device, settings.reload_interval, policy, settings.model_version)
     app.extensions["model_runner"] = runner
 

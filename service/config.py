@@ -8,16 +8,14 @@ and exit status 2 (instead of gunicorn restarting workers that can never boot).
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fashion.bounds import parse_bounded
 from fashion.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_PIXELS
+from fashion.policy import VERSION_PATTERN, ValidationPolicy
 
-# fashion.history.VERSION_PATTERN; not imported, since that module loads torch.
-VERSION_PATTERN = re.compile(r"[0-9a-f]{12}")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = PROJECT_ROOT / "models"
 DEVICES = ("auto", "cpu", "cuda")
@@ -87,11 +85,9 @@ class Settings:
     # Seconds a request may spend before it is answered 503 instead of running on until gunicorn kills
     # the worker at `timeout`; by default two thirds of it.
     request_deadline: float = 20.0
-    # The probe validation a model must pass before it is served (fashion/probe.py, README "Model trust").
-    # The defaults are fashion.probe's DEFAULT_*, repeated here so this module does not import torch.
-    min_probe_accuracy: float = 0.80
-    max_probe_drop: float = 0.03
-    min_probe_agreement: float = 0.99
+    # The probe validation a model must pass before it is served (fashion/probe.py, README "Model trust"):
+    # MIN_PROBE_ACCURACY, MAX_PROBE_DROP, MIN_PROBE_AGREEMENT.
+    probe_policy: ValidationPolicy = field(default_factory=ValidationPolicy)
     # MODEL_VERSION: serve only this version (12 hex digits), from MODEL_DIR/history/ or MODEL_DIR.
     model_version: str | None = None
 
@@ -131,12 +127,10 @@ class Settings:
             timeout=_int(environ, "TIMEOUT", cls.timeout, 1, 3600),
             graceful_timeout=_int(environ, "GRACEFUL_TIMEOUT", cls.graceful_timeout, 0, 3600),
         )
-        for name, field in (
-            ("MIN_PROBE_ACCURACY", "min_probe_accuracy"),
-            ("MAX_PROBE_DROP", "max_probe_drop"),
-            ("MIN_PROBE_AGREEMENT", "min_probe_agreement"),
-        ):
-            values[field] = _bounded(environ, name, getattr(cls, field), float, minimum=0.0, maximum=1.0)
+        try:
+            values["probe_policy"] = ValidationPolicy.from_env(environ)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         pin = environ.get("MODEL_VERSION", "").strip().lower()
         if pin and not VERSION_PATTERN.fullmatch(pin):
             raise ConfigError(

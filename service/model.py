@@ -234,7 +234,7 @@ class ModelRunner:
 
     def _refused(self, rejection: CandidateRejected, source: Path) -> None:
         """Report a refused candidate; with nothing in memory, fall back to the newest archived model that passes."""
-        version = getattr(rejection, "version", None)
+        version = rejection.version
         self.candidate = {
             "version": version,
             "reason": rejection.reason,

@@ -23,7 +23,7 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fashion.bounds import parse_bounded
+from fashion.bounds import argparse_type
 from fashion.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -111,23 +111,11 @@ RECIPES: dict[str, TrainConfig] = {
 # --------------------------------------------------------------------------- CLI
 
 
-def _bounded(kind, **bounds):
-    """An argparse ``type`` for fashion.bounds.parse_bounded: a bad value exits 2 with its message."""
-
-    def parse(text: str):
-        try:
-            return parse_bounded(text, kind, **bounds)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    return parse
-
-
-_positive_int = _bounded(int, minimum=1)
-_non_negative_int = _bounded(int, minimum=0)
-_positive_float = _bounded(float, above=0)
-_non_negative_float = _bounded(float, minimum=0)
-_fraction = _bounded(float, minimum=0, below=1)
+_positive_int = argparse_type(int, minimum=1)
+_non_negative_int = argparse_type(int, minimum=0)
+_positive_float = argparse_type(float, above=0)
+_non_negative_float = argparse_type(float, minimum=0)
+_fraction = argparse_type(float, minimum=0, below=1)
 
 
 def _sizes(text: str) -> tuple[int, ...]:
