@@ -34,7 +34,8 @@ for name in WORKERS API_MAX_REPLICAS MAX_UPLOAD_BYTES TIMEOUT PROXY_CONN_PER_IP 
     PROXY_BUFFER_BYTES PROXY_SPOOL_PORT PROXY_SPOOLED_PORT PROXY_REQUESTS_PER_WORKER; do
     eval "value=\$$name"
     case "$value" in
-        '' | *[!0-9]*) fail "$name=$value is not a positive integer" ;;
+        # 0 too: a server maxconn of 0 would mean no limit to HAProxy, a per-address cap of 0 refuse all.
+        '' | *[!0-9]* | 0*) fail "$name=$value is not a positive integer" ;;
     esac
 done
 # Timeouts in whole seconds (`10` or `10s`): nginx and the sums below need the number.
@@ -48,7 +49,11 @@ seconds() {
 }
 PROXY_REQUEST_TIMEOUT_S=$(seconds PROXY_REQUEST_TIMEOUT)
 PROXY_QUEUE_TIMEOUT_S=$(seconds PROXY_QUEUE_TIMEOUT)
-seconds PROXY_DRAIN_TIMEOUT >/dev/null
+PROXY_DRAIN_TIMEOUT_S=$(seconds PROXY_DRAIN_TIMEOUT)
+# HAProxy reads a bare number as milliseconds: hand it the seconds with their unit.
+PROXY_REQUEST_TIMEOUT=${PROXY_REQUEST_TIMEOUT_S}s
+PROXY_QUEUE_TIMEOUT=${PROXY_QUEUE_TIMEOUT_S}s
+PROXY_DRAIN_TIMEOUT=${PROXY_DRAIN_TIMEOUT_S}s
 
 # The request buffer: a body of up to PROXY_BUFFER_BYTES (never more than MAX_UPLOAD_BYTES) plus 64 KiB
 # of headers. Not MAX_UPLOAD_BYTES itself: HAProxy's memory per open connection grows with the buffer

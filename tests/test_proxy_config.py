@@ -76,5 +76,10 @@ def test_haproxy_and_nginx_accept_the_configs_with_the_entrypoint_defaults(tmp_p
 
     bad = _entrypoint_check({**env, "WORKERS": "two"})
     assert bad.returncode == 2 and "WORKERS=two is not a positive integer" in bad.stderr
+    bad = _entrypoint_check({**env, "PROXY_REQUESTS_PER_WORKER": "0"})  # HAProxy: maxconn 0 = no limit
+    assert bad.returncode == 2 and "PROXY_REQUESTS_PER_WORKER=0 is not a positive integer" in bad.stderr
+    # Whole seconds with or without the unit (HAProxy itself would read a bare 10 as 10 ms).
+    bare = _entrypoint_check({**env, "PROXY_REQUEST_TIMEOUT": "10", "PROXY_DRAIN_TIMEOUT": "45"})
+    assert bare.returncode == 0, bare.stdout + bare.stderr
     bad = _entrypoint_check({**env, "PROXY_REQUEST_TIMEOUT": "10m"})
     assert bad.returncode == 2 and "PROXY_REQUEST_TIMEOUT=10m is not a number of seconds" in bad.stderr
