@@ -60,7 +60,7 @@ PROXY_DRAIN_TIMEOUT=${PROXY_DRAIN_TIMEOUT_S}s
 # size (measured: 60 KiB per connection at 1 MiB, 2.9 MiB at 16 MiB), and 500 idle connections must not
 # cost gigabytes; larger bodies go through nginx's spool file instead. 64 KiB, not 1 MiB: a 28x28 PNG is
 # about 1 KB, and with 1 MiB buffers the kernel's work of mapping and freeing them per request halved the
-# proxy's throughput (bench_proxy.py: 0.42 of gunicorn direct at 1 MiB, 0.73 at 64 KiB, AMD EPYC 2 vCPUs).
+# proxy's throughput (bench_proxy.py: 0.42 of gunicorn direct at 1 MiB, 0.66-0.73 at 64 KiB, AMD EPYC 2 vCPUs).
 if [ "$PROXY_BUFFER_BYTES" -gt "$MAX_UPLOAD_BYTES" ]; then PROXY_BUFFER_BYTES=$MAX_UPLOAD_BYTES; fi
 PROXY_BUFSIZE=$((PROXY_BUFFER_BYTES + 65536))
 # Waiting for a replica: the service answers within its TIMEOUT (gunicorn's, with JSON); 10 s more so
