@@ -34,6 +34,7 @@ from fashion.contract import (
     preprocessed_row,
 )
 from fashion.images import MEDIA_TYPES, ImageError, decode_images
+from service.multipart import file_parts
 
 if TYPE_CHECKING:
     from service.model import ModelRunner
@@ -104,14 +105,19 @@ def read_images(max_batch: int) -> tuple[list[bytes], bool]:
     """The request body -> (image bytes, whether the client sent a batch of form fields)."""
     mimetype = request.mimetype
     if mimetype == "multipart/form-data":
-        files = request.files.getlist("image")
+        # Kept after reading, so that werkzeug parses the same bytes when file_parts declines.
+        body = request.get_data()
+        boundary = request.mimetype_params.get("boundary", "")
+        files = file_parts(body, boundary, "image", request.max_form_parts, request.max_form_memory_size)
+        if files is None:
+            files = [file.read() for file in request.files.getlist("image")]
         if not files:
             raise ServiceError(400, "missing_field", "the multipart form has no 'image' field")
         if len(files) > max_batch:
             raise ServiceError(
                 413, "too_many_images", f"{len(files)} images in one request; the limit is MAX_BATCH={max_batch}"
             )
-        return [file.read() for file in files], len(files) > 1
+        return files, len(files) > 1
     if mimetype in RAW_IMAGE_TYPES:
         return [request.get_data(cache=False)], False
     if not mimetype:
