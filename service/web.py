@@ -29,7 +29,7 @@ from fashion.contract import (
     INPUT_WIDTH,
     INVERT_MODES,
     NUM_CLASSES,
-    inverted_as_asked,
+    inverted_pixels,
     pixel_rows_to_input,
     preprocessed_row,
 )
@@ -186,7 +186,7 @@ def crop_pixels(image: Image.Image, invert: str) -> bytes | None:
         or not _INERT_PNG_INFO.issuperset(image.info)
     ):
         return None
-    return inverted_as_asked(image, invert).tobytes()
+    return inverted_pixels(image.tobytes(), INPUT_WIDTH, invert)
 
 
 def request_budget() -> tuple[int | None, float | None]:
@@ -208,7 +208,7 @@ def to_inputs(blobs: list[bytes], invert: str, max_pixels: int) -> torch.Tensor:
     max_request_pixels, deadline = request_budget()
     crops = _plain_crops(blobs, max_request_pixels, deadline)
     if crops is not None:  # the common case: Fashion-MNIST crops as plain PNGs
-        rows = [inverted_as_asked(crop, invert).tobytes() for crop in crops]
+        rows = [inverted_pixels(crop.tobytes(), INPUT_WIDTH, invert) for crop in crops]
     else:
         rows = _general_rows(blobs, invert, max_pixels, max_request_pixels, deadline)
     return pixel_rows_to_input(rows)
