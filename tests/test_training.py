@@ -332,6 +332,21 @@ def test_freeze_leaves_only_the_last_layer_trainable():
     assert trainable == ["5.weight", "5.bias"]
 
 
+def test_frozen_cnn_keeps_its_batchnorm_statistics(train_set, test_set):
+    """Fine-tuning a CNN with --freeze retrains the last Linear only: BatchNorm's running mean and
+    variance (buffers, not parameters) must stay as the base model had them."""
+    model = build_model(ModelConfig(kind="cnn", channels=(4,), hidden_sizes=(8,)))
+    freeze_all_but_last(model)
+    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    data = subset(train_set, 512)
+    config = TrainConfig(arch="cnn", epochs=1, batch_size=128, bf16=False, threads=1, freeze=True, ema=0.0)
+    train(model, data, test_set, config, torch.device("cpu"), log=lambda line: None)
+    assert all(torch.equal(before[name], buffer) for name, buffer in model.named_buffers())
+    config.freeze = False  # the same run unfrozen does move them, so the check above can fail
+    train(model, data, test_set, config, torch.device("cpu"), log=lambda line: None)
+    assert not torch.equal(before["1.running_mean"], dict(model.named_buffers())["1.running_mean"])
+
+
 def test_extra_data_is_added_to_the_training_set(tmp_path, data_root, test_set):
     extra = make_folder(tmp_path / "extra", test_set)
     out = tmp_path / "out"

@@ -73,6 +73,7 @@ class TrainConfig:
     shift: int = 0
     erase: float = 0.0
     ema: float = 0.99
+    warmup: float = 0.3
     bf16: bool | None = None
     threads: int | None = None
     seed: int = 0
@@ -83,7 +84,7 @@ class TrainConfig:
     freeze: bool = False
     limit_train: int | None = None
     optimizer: str = field(default="AdamW (fused where available)")
-    schedule: str = field(default="OneCycleLR(max_lr=lr, cosine anneal, 30% warm-up), stepped per batch")
+    schedule: str = field(default="OneCycleLR(max_lr=lr, cosine anneal, warm-up fraction = warmup), stepped per batch")
     calibration: dict | None = None
 
     def model_config(self) -> ModelConfig:
@@ -171,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--erase", type=_fraction, help=_recipe_help("probability of blanking a random rectangle", "erase")
     )
     recipe.add_argument(
+        "--warmup",
+        type=argparse_type(float, above=0, below=1),
+        help=_recipe_help("share of the steps the learning rate rises to --lr, then anneals", "warmup"),
+    )
+    recipe.add_argument(
         "--ema",
         type=_fraction,
         help=_recipe_help("decay of the weights' moving average that is evaluated and saved; 0 = off", "ema"),
@@ -242,6 +248,7 @@ RECIPE_OPTIONS = (
     "shift",
     "erase",
     "ema",
+    "warmup",
 )
 
 
@@ -287,6 +294,16 @@ def freeze_all_but_last(model: nn.Sequential) -> None:
     for parameter in model.parameters():
         if id(parameter) not in keep:
             parameter.requires_grad_(False)
+
+
+def train_mode(model: nn.Module, frozen: bool) -> None:
+    """``model.train()``, except that with ``--freeze`` BatchNorm layers stay in eval mode: their
+    running statistics are part of what was frozen, and train mode would keep updating them."""
+    model.train()
+    if frozen:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def random_shift(inputs: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -519,7 +536,7 @@ def train(
     )
     optimizer = make_optimizer(model, config, device)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=config.epochs * len(loader), pct_start=0.3
+        optimizer, max_lr=config.lr, total_steps=config.epochs * len(loader), pct_start=config.warmup
     )
     average = WeightAverage(model, config.ema) if config.ema > 0 else None
     evaluated = average.model if average is not None else model
@@ -527,7 +544,7 @@ def train(
     test_labels = test_set.targets.to(device)
     history = []
     for epoch in range(1, config.epochs + 1):
-        model.train()
+        train_mode(model, config.freeze)
         seen, correct, loss_sum = 0, 0, 0.0
         bar = _progress(loader, len(loader), f"epoch {epoch}/{config.epochs}")
         for inputs, targets in bar:
