@@ -40,6 +40,7 @@ from torchvision.datasets import FashionMNIST  # noqa: E402
 
 from fashion.contract import CLASS_NAMES  # noqa: E402
 from testing.images import png  # noqa: E402
+from testing.models import TOY_MODEL_ENV, random_model_dir  # noqa: E402
 from testing.server import ServerHandle, start_server  # noqa: E402
 
 CEILING_APP = "benchmarks.ceiling_app:create_app()"
@@ -106,6 +107,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-connections", type=int, default=4)
     parser.add_argument("--starts", type=int, default=3, help="cold starts timed")
     parser.add_argument("--stages", action="store_true", help="print the in-process cost per stage and exit")
+    parser.add_argument(
+        "--no-floor",
+        dest="floor",
+        action="store_false",
+        help="skip the 'floor' row: the service serving a 784-32-10 MLP with random weights and no detector, "
+        "i.e. everything a request costs but the shipped model's arithmetic",
+    )
     parser.add_argument(
         "--root",
         type=Path,
@@ -244,6 +252,9 @@ def main(args: argparse.Namespace) -> dict:
         servers["ceiling"] = start_server(None, workers=args.workers, app=CEILING_APP, log_dir=work)
         servers["naive"] = start_server(args.model_dir, workers=args.workers, app=NAIVE_APP, log_dir=work)
         servers["service"] = service = start_server(args.model_dir, workers=args.workers, log_dir=work)
+        if args.floor:
+            tiny = random_model_dir(work / "floor-model", hidden_sizes=(32,))
+            servers["floor"] = start_server(tiny, env=TOY_MODEL_ENV, workers=args.workers, log_dir=work)
         for handle in servers.values():  # warm all: first requests, page faults
             for i in range(50):
                 answer = requests.post(
@@ -274,8 +285,10 @@ def main(args: argparse.Namespace) -> dict:
             for name, base in (("ratio", "ceiling"), ("vs_naive", "naive")):
                 ratios = [s["rps"] / b["rps"] for s, b in zip(runs["service"], runs[base], strict=True)]
                 single[connections][name] = statistics.median(ratios)
-            ratios = [n["rps"] / c["rps"] for n, c in zip(runs["naive"], runs["ceiling"], strict=True)]
-            single[connections]["naive_ratio"] = statistics.median(ratios)
+            for name in ("naive", "floor"):
+                if name in runs:
+                    ratios = [n["rps"] / c["rps"] for n, c in zip(runs[name], runs["ceiling"], strict=True)]
+                    single[connections][f"{name}_ratio"] = statistics.median(ratios)
         results["single"] = single
 
         batch_runs = [
@@ -310,8 +323,8 @@ def report(results: dict) -> None:
         "worker CPU us/req | failed"
     )
     for connections, row in results["single"].items():
-        ratios = {"ceiling": 1.0, "naive": row["naive_ratio"], "service": row["ratio"]}
-        for name in ("ceiling", "naive", "service"):
+        ratios = {"ceiling": 1.0, "naive": row["naive_ratio"], "service": row["ratio"], "floor": row.get("floor_ratio")}
+        for name in [name for name in ("ceiling", "naive", "service", "floor") if name in row]:
             r = row[name]
             print(
                 f"{connections:>11} | {name:>7} | {r['rps']:>7,.0f} | {ratios[name]:>10.2f} | {r['p50_ms']:>6.2f} | "

@@ -24,13 +24,13 @@ def save_model(model: torch.nn.Module, card: dict, path: Path) -> dict:
     return save_checkpoint(model, {**card, "probe": probe_record(model)}, path)
 
 
-def random_model_dir(path: Path, seed: int = 0) -> Path:
+def random_model_dir(path: Path, seed: int = 0, hidden_sizes: tuple[int, ...] = (64,)) -> Path:
     """A small MLP with seeded random weights: real, varied probabilities for comparisons.
 
     Its card claims as test accuracy what it scores on the probe (held-out images drawn like the
     test set): an honest estimate, so the validation's claim check passes without a loosened rule."""
     torch.manual_seed(seed)
-    config = ModelConfig(hidden_sizes=(64,))
+    config = ModelConfig(hidden_sizes=hidden_sizes)
     model = build_model(config)
     record = probe_record(model)
     card = {"architecture": config.to_dict(), "metrics": {"test_accuracy": record["accuracy"]}, "probe": record}
