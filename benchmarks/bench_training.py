@@ -7,7 +7,8 @@
    on 2 CPU cores), counted from the start of the loop (the precision/thread calibration
    included), with the one-off data preparation (transforming all 70,000 images) beside it.
 3. With --forward: the batch-1 forward pass of each architecture's default model on one
-   thread, as the service runs it (layer by layer, inference mode): what serving one image costs.
+   thread, as the service runs it (service.model.LoadedModel.predict: an MLP through DirectMLP, any
+   other model layer by layer, softmax, inference mode; no detector): what serving one image costs.
 
 The runs alternate (quickstart epoch, our training, quickstart epoch, ...) so background load
 hits both alike; medians are printed. Usage: python benchmarks/bench_training.py [--device cuda]
@@ -110,21 +111,22 @@ def our_training(root: Path, device: torch.device, seed: int, bf16: bool | None,
 
 def forward_costs(repeats: int = 2_000) -> None:
     """Median microseconds of one image through each default architecture, one thread, as service/model.py runs it."""
+    from service.model import LoadedModel
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     image = torch.randn(1, 1, 28, 28)
     for arch, recipe in RECIPES.items():
-        layers = tuple(build_model(recipe.model_config()).eval())
-        weights = sum(p.numel() for layer in layers for p in layer.parameters())
+        model = build_model(recipe.model_config()).eval()
+        weights = sum(p.numel() for p in model.parameters())
+        served = LoadedModel(
+            model=model, card={"weights": {"sha256": "0" * 64}}, device=torch.device("cpu"), signature=None
+        )
         times = []
-        with torch.inference_mode():
-            for _ in range(repeats):
-                started = time.perf_counter()
-                x = image
-                for layer in layers:
-                    x = layer.forward(x)
-                torch.softmax(x, dim=1)
-                times.append(time.perf_counter() - started)
+        for _ in range(repeats):
+            started = time.perf_counter()
+            served.predict(image)
+            times.append(time.perf_counter() - started)
         print(
             f"batch-1 forward, 1 thread, {arch} {recipe.model_config().to_dict()}: "
             f"{statistics.median(times[100:]) * 1e6:.0f} us "
