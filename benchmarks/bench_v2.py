@@ -133,10 +133,12 @@ def hook_cost_us(multiprocess: bool, repeats: int = 20_000) -> dict:
 
 def _hook_cost_here(repeats: int) -> float:
     """hook_cost_us in this process, in whichever mode its environment selects."""
+    from fashion.trust import Verdicts
     from service.metrics import Metrics
 
     metrics = Metrics()
     probabilities = torch.softmax(torch.randn(1, 10), dim=1)
+    verdicts = Verdicts(probabilities, [probabilities.max().item()], [None])
 
     class Model:
         card, version, sha256 = {"name": MODEL_NAME}, "0", "0" * 64
@@ -149,7 +151,7 @@ def _hook_cost_here(repeats: int) -> float:
         started = time.perf_counter()
         for _ in range(repeats):
             time.perf_counter()  # before_request's timestamp
-            metrics.observe_prediction(probabilities, 0.0001)
+            metrics.observe_prediction(verdicts, 0.0001)
             metrics.observe_request("/predict", "POST", 200, 0.001)
             metrics.observe_model(model)
         rounds.append((time.perf_counter() - started) / repeats * 1e6)

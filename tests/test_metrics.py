@@ -231,3 +231,11 @@ def test_a_dead_workers_counts_stay_and_its_live_gauges_go(server):
     assert value(after, total) == value(before, total) + 1
     assert str(victim) not in worker_series(after)
     assert value(after, "fashion_model_info") == 1
+
+
+def test_the_metrics_cost_benchmark_drives_the_real_hooks():
+    """bench_v2's per-request metrics cost calls Metrics as the service does; when the hooks' signatures
+    change, this fails here instead of in a benchmark run (it once passed a tensor for the Verdicts)."""
+    from benchmarks.bench_v2 import _hook_cost_here
+
+    assert _hook_cost_here(20) > 0
