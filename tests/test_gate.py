@@ -74,3 +74,26 @@ def test_gate_refuses_what_the_probe_validation_refused(tmp_path, capsys):
     # A missing or unreadable report is bad input, not a pass.
     for bad in (tmp_path / "missing.json", current / "model.json"):
         assert accuracy_gate.main(accuracy_gate.parse_args([str(current), str(new), "--probe-report", str(bad)])) == 2
+
+
+_evaluate_spec = importlib.util.spec_from_file_location("evaluate", REPO / "scripts" / "evaluate.py")
+evaluate_script = importlib.util.module_from_spec(_evaluate_spec)
+_evaluate_spec.loader.exec_module(evaluate_script)
+
+
+def test_independent_evaluation_agrees_with_the_bundled_card_and_catches_a_false_one(tmp_path, data_root, capsys):
+    """scripts/evaluate.py scores the shipped model through torchvision's stock transforms, not the
+    training code's data path, and must find the card's accuracy to the image; a card claiming one
+    image more is refused."""
+    import shutil
+
+    bundled = REPO / "models"
+    assert evaluate_script.main(evaluate_script.parse_args([str(bundled), "--data-dir", str(data_root)])) == 0
+    card = json.loads((bundled / "model.json").read_text())
+    assert f"accuracy {card['metrics']['test_accuracy']:.4f}" in capsys.readouterr().out
+
+    lying = tmp_path / "lying"
+    shutil.copytree(bundled, lying, ignore=shutil.ignore_patterns("history", "*.png"))
+    card["metrics"]["test_accuracy"] = round(card["metrics"]["test_accuracy"] + 0.0001, 4)
+    (lying / "model.json").write_text(json.dumps(card))
+    assert evaluate_script.main(evaluate_script.parse_args([str(lying), "--data-dir", str(data_root)])) == 1

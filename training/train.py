@@ -96,7 +96,7 @@ RECIPES: dict[str, TrainConfig] = {
     "mlp": TrainConfig(),
     "cnn": TrainConfig(
         arch="cnn",
-        epochs=10,
+        epochs=30,
         batch_size=256,
         lr=3e-3,
         weight_decay=5e-4,
