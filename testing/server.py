@@ -36,8 +36,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def gunicorn_command(app: str = DEFAULT_APP) -> list[str]:
-    return [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), app]
+def gunicorn_command(app: str = DEFAULT_APP, root: Path = PROJECT_ROOT) -> list[str]:
+    """gunicorn with ``root``'s config, which puts ``root`` first on the import path: its service is served."""
+    return [sys.executable, "-m", "gunicorn", "-c", str(root / GUNICORN_CONF.relative_to(PROJECT_ROOT)), app]
 
 
 def server_env(model_dir: str | os.PathLike | None, port: int, workers: int, env: dict | None = None) -> dict:
@@ -121,11 +122,13 @@ def start_server(
     wait: str | None = "/healthz",
     timeout: float = 60.0,
     log_dir: str | os.PathLike | None = None,
+    root: str | os.PathLike = PROJECT_ROOT,
 ) -> ServerHandle:
     """Start gunicorn on a free 127.0.0.1 port and wait until ``wait`` answers (any HTTP status).
 
     Raises RuntimeError with the server's log if it exits or does not answer in ``timeout``.
-    ``wait=None`` returns at once (for tests of start-up failures and start-up time).
+    ``wait=None`` returns at once (for tests of start-up failures and start-up time). ``root``: another
+    checkout of the project whose service to serve (benchmarks compare commits this way).
     """
     for _attempt in range(3):  # another process may take the free port before gunicorn binds it
         port = free_port()
@@ -133,8 +136,8 @@ def start_server(
         log_file = open(log_path, "wb")  # noqa: SIM115 (closed by ServerHandle.stop)
         started = time.monotonic()
         process = subprocess.Popen(
-            gunicorn_command(app),
-            cwd=PROJECT_ROOT,
+            gunicorn_command(app, Path(root)),
+            cwd=root,
             env=server_env(model_dir, port, workers, env),
             stdout=log_file,
             stderr=subprocess.STDOUT,

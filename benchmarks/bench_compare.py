@@ -1,0 +1,114 @@
+"""Services side by side: several checkouts or model folders under wrk in one run, interleaved.
+
+    # this commit against an older one (git worktree add /tmp/before ec353bd)
+    python benchmarks/bench_compare.py --service before /tmp/before models --service after . models --batch
+    # two models through the same service
+    python benchmarks/bench_compare.py --service mlp . models --service cnn . models-cnn --batch
+
+Each ``--service NAME ROOT MODEL_DIR`` is the service of the checkout at ROOT (its own gunicorn
+config and code) serving MODEL_DIR, on its defaults (access line and metrics on), 2 workers. The
+runs alternate between the services, so load from other processes hits all alike; medians are
+printed: requests/s and p99 for single PNG images, worker CPU per request, and with ``--batch``
+images/s in multipart batches of 64, as bench_serving.py measures them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import requests
+from torchvision.datasets import FashionMNIST
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.bench_serving import BOUNDARY, LUA_SCRIPT, multipart, run_wrk, write_bodies, wrk_parser
+from testing.images import png
+from testing.server import ServerHandle, start_server
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = wrk_parser(__doc__.split("\n\n")[0], duration=6, connections=[32])
+    parser.add_argument(
+        "--service",
+        nargs=3,
+        action="append",
+        required=True,
+        metavar=("NAME", "ROOT", "MODEL_DIR"),
+        help="a service to compare: a name, the checkout to serve from, the model folder",
+    )
+    parser.add_argument("--batch", action="store_true", help="also time multipart batches of 64 at 4 connections")
+    return parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> dict:
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed (apt-get install wrk)")
+    pixels = FashionMNIST(str(args.data_dir), train=False).data.numpy()
+    work = Path(tempfile.mkdtemp(prefix="bench-compare-"))
+    script = work / "post.lua"
+    script.write_text(LUA_SCRIPT)
+    singles = write_bodies(work / "single", [png(pixels[i]) for i in range(200)])
+    batches = write_bodies(
+        work / "batch", [multipart([png(pixels[(b * 64 + k) % 10_000]) for k in range(64)]) for b in range(8)]
+    )
+    servers: dict[str, ServerHandle] = {}
+    runs: dict[str, dict[str, list[dict]]] = {}
+    try:
+        for name, root, model_dir in args.service:
+            servers[name] = start_server(
+                Path(model_dir).resolve(), workers=args.workers, log_dir=work, root=Path(root).resolve()
+            )
+            for i in range(50):  # warm up, and refuse to time a service that does not answer right
+                answer = requests.post(
+                    servers[name].url + "/predict",
+                    data=png(pixels[i]),
+                    headers={"Content-Type": "image/png"},
+                    timeout=10,
+                )
+                answer.raise_for_status()
+            runs[name] = {"single": [], "batch": []}
+        for _ in range(args.repeats):
+            for name, handle in servers.items():
+                runs[name]["single"].append(run_wrk(handle, script, singles, "image/png", args.connections[0], args))
+                if args.batch:
+                    content_type = f"multipart/form-data; boundary={BOUNDARY}"
+                    runs[name]["batch"].append(run_wrk(handle, script, batches, content_type, 4, args))
+    finally:
+        for handle in servers.values():
+            handle.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    results = {name: summary(measured) for name, measured in runs.items()}
+    print(f"\n{args.workers} workers each, wrk {args.duration} s x {args.repeats} interleaved, medians")
+    for name, r in results.items():
+        line = (
+            f"{name:>16}: {r['rps']:>7,.0f} req/s at {args.connections[0]} connections, p99 {r['p99_ms']:.1f} ms, "
+            f"worker CPU {r['cpu_us_per_request']:.0f} us/request"
+        )
+        if args.batch:
+            line += f"; batches of 64: {r['images_per_s']:,.0f} images/s"
+        print(line)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+def summary(measured: dict[str, list[dict]]) -> dict:
+    single, batch = measured["single"], measured["batch"]
+    cpu = [r["cpu_us_per_request"] for r in single if r["cpu_us_per_request"] == r["cpu_us_per_request"]]
+    return {
+        "rps": statistics.median(r["rps"] for r in single),
+        "p99_ms": statistics.median(r["p99_us"] for r in single) / 1000,
+        "cpu_us_per_request": statistics.median(cpu) if cpu else float("nan"),
+        "failed": sum(r["failed"] for r in single + batch),
+        "images_per_s": statistics.median(r["rps"] for r in batch) * 64 if batch else None,
+    }
+
+
+if __name__ == "__main__":
+    main(parse_args())
