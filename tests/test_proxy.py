@@ -208,7 +208,13 @@ def test_500_connections_from_one_address_get_json_429_beyond_the_cap(stack):
     # The refusal itself is the service's JSON error shape.
     held = [socket.create_connection(("127.0.0.1", stack.port)) for _ in range(CONN_PER_IP)]
     try:
+        # A connect() returns once the kernel (or the engine's port forwarder) has the connection;
+        # HAProxy counts it when it accepts it, a moment later. So ask for up to 5 s, until it does.
+        deadline = time.monotonic() + 5
         response = requests.get(f"{stack.url}/healthz", timeout=10)
+        while response.status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            response = requests.get(f"{stack.url}/healthz", timeout=10)
         assert response.status_code == 429 and _json_error(response)["code"] == "too_many_connections"
     finally:
         for sock in held:
