@@ -22,13 +22,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import requests
 from torchvision.datasets import FashionMNIST
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_serving import BOUNDARY, LUA_SCRIPT, multipart, run_wrk, write_bodies, wrk_parser
-from testing.images import png
+from benchmarks.bench_serving import BOUNDARY, LUA_SCRIPT, bench_bodies, medians, run_wrk, warm_up, wrk_parser
 from testing.server import ServerHandle, start_server
 
 
@@ -53,10 +51,7 @@ def main(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-compare-"))
     script = work / "post.lua"
     script.write_text(LUA_SCRIPT)
-    singles = write_bodies(work / "single", [png(pixels[i]) for i in range(200)])
-    batches = write_bodies(
-        work / "batch", [multipart([png(pixels[(b * 64 + k) % 10_000]) for k in range(64)]) for b in range(8)]
-    )
+    singles, batches = bench_bodies(work, pixels, 64)
     servers: dict[str, ServerHandle] = {}
     runs: dict[str, dict[str, list[dict]]] = {}
     try:
@@ -64,14 +59,7 @@ def main(args: argparse.Namespace) -> dict:
             servers[name] = start_server(
                 Path(model_dir).resolve(), workers=args.workers, log_dir=work, root=Path(root).resolve()
             )
-            for i in range(50):  # warm up, and refuse to time a service that does not answer right
-                answer = requests.post(
-                    servers[name].url + "/predict",
-                    data=png(pixels[i]),
-                    headers={"Content-Type": "image/png"},
-                    timeout=10,
-                )
-                answer.raise_for_status()
+            warm_up(servers[name], pixels)
             runs[name] = {"single": [], "batch": []}
         for _ in range(args.repeats):
             for name, handle in servers.items():
@@ -99,12 +87,10 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def summary(measured: dict[str, list[dict]]) -> dict:
+    """bench_serving's medians of the single-image runs, with the batches' images/s."""
     single, batch = measured["single"], measured["batch"]
-    cpu = [r["cpu_us_per_request"] for r in single if r["cpu_us_per_request"] == r["cpu_us_per_request"]]
     return {
-        "rps": statistics.median(r["rps"] for r in single),
-        "p99_ms": statistics.median(r["p99_us"] for r in single) / 1000,
-        "cpu_us_per_request": statistics.median(cpu) if cpu else float("nan"),
+        **medians(single),
         "failed": sum(r["failed"] for r in single + batch),
         "images_per_s": statistics.median(r["rps"] for r in batch) * 64 if batch else None,
     }

@@ -190,6 +190,39 @@ def run_wrk(
     return result
 
 
+def bench_bodies(work: Path, pixels, batch_size: int) -> tuple[Path, Path]:
+    """(folder of 200 single-image PNG bodies, folder of 8 multipart bodies of ``batch_size`` images),
+    real test images, for LUA_SCRIPT."""
+    singles = write_bodies(work / "single", [png(pixels[i]) for i in range(200)])
+    batches = write_bodies(
+        work / "batch",
+        [multipart([png(pixels[(b * batch_size + k) % len(pixels)]) for k in range(batch_size)]) for b in range(8)],
+    )
+    return singles, batches
+
+
+def warm_up(handle: ServerHandle, pixels, requests_: int = 50) -> None:
+    """First requests (page faults, lazy imports) before timing; a server that answers wrong is not timed."""
+    for i in range(requests_):
+        answer = requests.post(
+            handle.url + "/predict", data=png(pixels[i]), headers={"Content-Type": "image/png"}, timeout=10
+        )
+        answer.raise_for_status()
+
+
+def medians(runs: list[dict]) -> dict:
+    """One setting's wrk runs (run_wrk's results) -> their medians; CPU only from runs without a recycled worker."""
+    cpu = [r["cpu_us_per_request"] for r in runs if r["cpu_us_per_request"] == r["cpu_us_per_request"]]
+    return {
+        "rps": statistics.median(r["rps"] for r in runs),
+        "p50_ms": statistics.median(r["p50_us"] for r in runs) / 1000,
+        "p99_ms": statistics.median(r["p99_us"] for r in runs) / 1000,
+        "cpu_us_per_request": statistics.median(cpu) if cpu else float("nan"),
+        "failed": sum(r["failed"] for r in runs),
+        "rps_all": [round(r["rps"]) for r in runs],
+    }
+
+
 def pss_mb(handle: ServerHandle) -> float:
     """Proportional set size of the master and its workers: shared pages counted once in total."""
     total_kb = 0
@@ -230,14 +263,7 @@ def main(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     script = work / "post.lua"
     script.write_text(LUA_SCRIPT)
-    singles = write_bodies(work / "single", [png(pixels[i]) for i in range(200)])
-    batches = write_bodies(
-        work / "batch",
-        [
-            multipart([png(pixels[(b * args.batch_size + k) % 10_000]) for k in range(args.batch_size)])
-            for b in range(8)
-        ],
-    )
+    singles, batches = bench_bodies(work, pixels, args.batch_size)
     first_body, first_label = png(pixels[0]), CLASS_NAMES[int(labels[0])]
 
     results: dict = {"workers": args.workers, "duration_s": args.duration, "repeats": args.repeats}
@@ -255,32 +281,15 @@ def main(args: argparse.Namespace) -> dict:
         if args.floor:
             tiny = random_model_dir(work / "floor-model", hidden_sizes=(32,))
             servers["floor"] = start_server(tiny, env=TOY_MODEL_ENV, workers=args.workers, log_dir=work)
-        for handle in servers.values():  # warm all: first requests, page faults
-            for i in range(50):
-                answer = requests.post(
-                    handle.url + "/predict", data=png(pixels[i]), headers={"Content-Type": "image/png"}, timeout=10
-                )
-                answer.raise_for_status()
+        for handle in servers.values():
+            warm_up(handle, pixels)
         single: dict = {}
         for connections in args.connections:
             runs: dict[str, list[dict]] = {name: [] for name in servers}
             for _ in range(args.repeats):
                 for name, handle in servers.items():
                     runs[name].append(run_wrk(handle, script, singles, "image/png", connections, args))
-            single[connections] = {
-                name: {
-                    "rps": statistics.median(r["rps"] for r in rs),
-                    "p50_ms": statistics.median(r["p50_us"] for r in rs) / 1000,
-                    "p99_ms": statistics.median(r["p99_us"] for r in rs) / 1000,
-                    "cpu_us_per_request": statistics.median(
-                        [r["cpu_us_per_request"] for r in rs if r["cpu_us_per_request"] == r["cpu_us_per_request"]]
-                        or [float("nan")]
-                    ),
-                    "failed": sum(r["failed"] for r in rs),
-                    "rps_all": [round(r["rps"]) for r in rs],
-                }
-                for name, rs in runs.items()
-            }
+            single[connections] = {name: medians(rs) for name, rs in runs.items()}
             # Ratio per interleaved round, then the median: load from other processes hits all alike.
             for name, base in (("ratio", "ceiling"), ("vs_naive", "naive")):
                 ratios = [s["rps"] / b["rps"] for s, b in zip(runs["service"], runs[base], strict=True)]
@@ -421,10 +430,10 @@ def _stages_of_this_checkout(app, blobs: list[bytes], environs: list[dict]) -> d
     model = runner.current
     decoded = [decode_image(blob) for blob in blobs]
     batches = [to_inputs([blob], "auto", 10**8) for blob in blobs]
-    verdicts = model.predict(torch.cat(batches))
+    judge, inputs = model.judge, torch.cat(batches)
+    verdicts = model.predict(inputs)
     rows = [row.tolist() for row in verdicts.probabilities]
     trust = list(map(verdict_json, verdicts.calibrated, verdicts.reasons))
-    judge, inputs = model.judge, torch.cat(batches)
     with torch.inference_mode():
         logits = model.model(inputs)
 

@@ -6,6 +6,7 @@ caller adds where the text came from (an argparse option, an environment variabl
 
 from __future__ import annotations
 
+import argparse
 import math
 
 
@@ -54,7 +55,6 @@ def parse_bounded(
 
 def argparse_type(kind: type, **bounds):
     """An argparse ``type`` for parse_bounded: a bad value exits 2 with its message."""
-    import argparse
 
     def parse(text: str):
         try:

@@ -100,44 +100,6 @@ def _flags(model_dir, pixels):
     return verdicts
 
 
-@pytest.mark.parametrize("hidden_sizes", [(512, 512), (16,), ()], ids=["bundled-shape", "one-hidden", "no-hidden"])
-def test_direct_forward_gives_the_modules_logits_bit_for_bit(hidden_sizes, test_set):
-    """The service's DirectMLP against the modules themselves, on real images at batch sizes 1 to 64:
-    the same numbers, not close ones, and the same verdicts through LoadedModel.predict."""
-    from service.model import DirectMLP, LoadedModel
-
-    torch.manual_seed(0)
-    if hidden_sizes:
-        model = build_model(ModelConfig(hidden_sizes=hidden_sizes, dropout=0.2)).eval()
-    else:  # Flatten, Linear(784, 10): no ReLU at all
-        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)).eval()
-    judge = Judge(TrustConfig(temperature=1.5, detector_hidden=64, ood_threshold=0.0), build_detector(64))
-    direct = DirectMLP.of(model)
-    assert direct is not None
-    inputs = test_set.inputs[:64]
-    with torch.inference_mode():
-        for size in (1, 2, 7, 64):
-            assert torch.equal(direct(inputs[:size]), model(inputs[:size]))
-        card = {"weights": {"sha256": "0" * 64}}
-        loaded = LoadedModel(model=model, card=card, device=torch.device("cpu"), signature=None, judge=judge)
-        assert loaded.direct is not None
-        verdicts = loaded.predict(inputs[:5])
-        expected = judge.judge(inputs[:5], model(inputs[:5]))
-    assert torch.equal(verdicts.probabilities, expected.probabilities)
-    assert verdicts.calibrated == expected.calibrated and verdicts.reasons == expected.reasons
-
-
-def test_direct_forward_leaves_other_models_to_their_modules():
-    """A CNN, a model in training mode or one that is not Flatten then Linear/ReLU is not a DirectMLP."""
-    from service.model import DirectMLP
-
-    nn = torch.nn
-    assert DirectMLP.of(build_model(ModelConfig(kind="cnn", channels=(4, 8), hidden_sizes=(8,))).eval()) is None
-    assert DirectMLP.of(build_model(ModelConfig(hidden_sizes=(8,))).train()) is None
-    assert DirectMLP.of(nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.ReLU())) is None
-    assert DirectMLP.of(nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.Sigmoid(), nn.Linear(8, 10))) is None
-
-
 def test_bundled_model_flags_non_garments_and_few_garments(bundled_model_dir, sets, test_set):
     """Issue 11's goals, with margin: >= 90% of every OOD set, <= 5% of the test set, better when certain."""
     for name in OOD_SET_NAMES:

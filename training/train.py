@@ -117,6 +117,7 @@ _non_negative_int = argparse_type(int, minimum=0)
 _positive_float = argparse_type(float, above=0)
 _non_negative_float = argparse_type(float, minimum=0)
 _fraction = argparse_type(float, minimum=0, below=1)
+_open_fraction = argparse_type(float, above=0, below=1)
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -173,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     recipe.add_argument(
         "--warmup",
-        type=argparse_type(float, above=0, below=1),
+        type=_open_fraction,
         help=_recipe_help("share of the steps the learning rate rises to --lr, then anneals", "warmup"),
     )
     recipe.add_argument(
