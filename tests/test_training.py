@@ -41,6 +41,7 @@ from training.data import (
     file_checksums,
     raw_folder,
 )
+from training.dropout import BitsDropout, use_bits_dropout
 from training.train import (
     CONFUSION_FILE,
     CURVES_FILE,
@@ -221,6 +222,48 @@ def test_random_shift_translates_within_bounds():
     assert len({tuple(p) for p in bright.tolist()}) > 10  # and the offsets vary
     background = torch.tensor((0.0 - MEAN) / STD).item()  # what the padding brings in: normalized black
     assert set(shifted.unique().tolist()) <= {5.0, -1.0, background}
+
+
+@pytest.mark.parametrize("p", [0.1, 0.2, 0.5, 0.9])
+def test_bits_dropout_keeps_each_element_with_probability_1_minus_p(p):
+    torch.manual_seed(0)
+    inputs = torch.rand(2048, 512) + 0.5  # no zeros of its own
+    dropped = BitsDropout(p).train()(inputs)
+    kept = dropped != 0
+    scale = 65536 / (65536 - round(p * 65536))
+    torch.testing.assert_close(dropped[kept], inputs[kept] * scale)  # survivors scaled, as nn.Dropout does
+    # 2^20 elements: the kept share is within 5 standard deviations of 1 - p, overall and in each of
+    # the four 16-bit fields of a random word (a bare random_() leaves the fourth's sign bit clear,
+    # which would keep every element in that field).
+    for share in [kept.float().mean(), *kept.view(-1, 4).float().mean(dim=0)]:
+        sigma = (p * (1 - p) / (kept.numel() / 4)) ** 0.5
+        assert abs(share.item() - (1 - p)) < 5 * sigma
+    assert dropped.mean().item() == pytest.approx(inputs.mean().item(), rel=0.01)  # unbiased in expectation
+
+
+def test_bits_dropout_is_seeded_differs_per_call_and_passes_gradients_through_its_mask():
+    inputs = torch.ones(64, 300, requires_grad=True)
+    layer = BitsDropout(0.3).train()
+    torch.manual_seed(7)
+    first, second = layer(inputs), layer(inputs)
+    torch.manual_seed(7)
+    assert torch.equal(layer(inputs), first)
+    assert not torch.equal(first, second)
+    first.sum().backward()
+    torch.testing.assert_close(inputs.grad, first.detach())  # d(x * mask)/dx = mask, the same mask
+    assert torch.equal(BitsDropout(0.3).eval()(inputs), inputs)
+    assert torch.equal(BitsDropout(0.0).train()(inputs), inputs)
+
+
+def test_bits_dropout_swaps_in_without_changing_the_saved_model():
+    config = ModelConfig(kind="mlp", hidden_sizes=(32, 16), dropout=0.2)
+    model = build_model(config)
+    plain = build_model(config)
+    use_bits_dropout(model)
+    assert [type(layer) for layer in model].count(BitsDropout) == 2
+    plain.load_state_dict(model.state_dict())  # strict: the same keys, no state of its own
+    images = torch.randn(5, 1, 28, 28)
+    assert torch.equal(model.eval()(images), plain.eval()(images))
 
 
 def test_random_erase_blanks_one_rectangle_per_chosen_image():

@@ -45,6 +45,7 @@ from training.data import (
     ensure_fashion_mnist,
     file_checksums,
 )
+from training.dropout import use_bits_dropout
 from training.trust import fit_trust
 
 CURVES_FILE = "training-curves.png"
@@ -521,9 +522,12 @@ def train(
 
     Chooses the precision and thread count first (``choose_mode``; the time counts in elapsed_s)
     and writes the choice into ``config``. With ``config.ema`` the weights' moving average is
-    what each epoch evaluates, and it is copied into ``model`` at the end.
+    what each epoch evaluates, and it is copied into ``model`` at the end. On the CPU, ``model``'s
+    dropout layers become ``BitsDropout`` (same distribution, a quarter of the cost, no state).
     """
     model.to(device)
+    if device.type == "cpu":
+        use_bits_dropout(model)
     started = time.perf_counter()
     config.bf16, config.threads, config.calibration = choose_mode(
         model, train_set.inputs, train_set.target_vectors, config, device
