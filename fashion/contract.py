@@ -246,17 +246,13 @@ def to_grayscale(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
-def has_light_background(gray: Image.Image) -> bool:
-    """True when the border is mostly light: a dark garment on a light photo background.
+def light_border(pixels: bytes, width: int) -> bool:
+    """True when the border of an 8-bit grayscale image (its raw bytes, ``width`` pixels a row) is mostly
+    light: a dark garment on a light photo background.
 
     The median of the outermost pixels is robust to a garment touching the frame; on the
     real Fashion-MNIST test set it never exceeds 89, so those images are never inverted.
     """
-    return light_border(gray.tobytes(), gray.size[0])
-
-
-def light_border(pixels: bytes, width: int) -> bool:
-    """``has_light_background`` on an 8-bit grayscale image's raw bytes, ``width`` pixels a row."""
     # On the raw bytes rather than numpy: this runs on every request and numpy's per-call
     # overhead was most of its cost. Rows 0 and -1, then columns 0 and -1 of the rows between.
     border = sorted(
@@ -310,26 +306,26 @@ def preprocessed_row(image: Image.Image, invert: InvertMode = "auto") -> bytes:
         raise ImageError("the image cannot be converted to grayscale") from None
 
 
-def inverted_as_asked(gray: Image.Image, invert: InvertMode) -> Image.Image:
-    """A grayscale image negated when ``invert`` says so ("auto": when its border is light), else as it is.
-
-    The one inversion rule: the general pipeline and the service's path for plain crops (on raw
-    bytes, ``inverted_pixels``) both use it."""
-    if invert == "true" or (invert == "auto" and has_light_background(gray)):
-        return ImageOps.invert(gray)
-    return gray
-
-
-# ImageOps.invert's table for 8-bit grayscale (255 - value), for bytes.translate.
+# 255 - value for each 8-bit value (ImageOps.invert's table), for bytes.translate.
 _NEGATIVE = bytes(range(255, -1, -1))
 
 
 def inverted_pixels(pixels: bytes, width: int, invert: InvertMode) -> bytes:
-    """``inverted_as_asked`` on an 8-bit grayscale image's raw bytes (``width`` pixels a row): the same
-    bytes, without making an image of them and reading it back."""
+    """An 8-bit grayscale image's raw bytes (``width`` pixels a row), negated when ``invert`` says so
+    ("auto": when its border is light), else the same bytes.
+
+    The one inversion rule: the general pipeline (``inverted_as_asked``) and the service's path for
+    plain crops both use it."""
     if invert == "true" or (invert == "auto" and light_border(pixels, width)):
         return pixels.translate(_NEGATIVE)
     return pixels
+
+
+def inverted_as_asked(gray: Image.Image, invert: InvertMode) -> Image.Image:
+    """``inverted_pixels`` for a grayscale image: a negated copy, or the image itself."""
+    pixels = gray.tobytes()
+    inverted = inverted_pixels(pixels, gray.size[0], invert)
+    return gray if inverted is pixels else Image.frombytes("L", gray.size, inverted)
 
 
 def _input_table() -> np.ndarray:

@@ -64,7 +64,7 @@ class DirectMLP:
     weights (2.7 MB for the shipped model) plus the Python around each call; calling the ops
     directly skips Flatten, Dropout (the identity in eval mode) and nn.Module's call machinery.
     ``F.linear`` on the layer's own weight and bias is what ``nn.Linear.forward`` calls, so the
-    logits are the modules' own, bit for bit (tests/test_uncertainty.py compares them).
+    logits are the modules' own, bit for bit (tests/test_service_unit.py compares them).
     """
 
     def __init__(self, linears: list[nn.Linear], relus: list[bool]) -> None:

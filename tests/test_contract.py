@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.datasets import FashionMNIST
 
 from fashion.contract import (
@@ -19,6 +19,8 @@ from fashion.contract import (
     STD,
     ModelConfig,
     build_model,
+    inverted_as_asked,
+    inverted_pixels,
     one_hot,
     pixels_to_input,
     preprocess,
@@ -152,3 +154,19 @@ def test_preprocessed_row_is_the_canvas_and_refuses_what_it_cannot_convert(tmp_p
     Image.new("LAB", (40, 30)).save(lab)
     assert fashion_predict([str(lab)]) == 2
     assert f"{lab}: the image cannot be converted to grayscale" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("border", [20, 230], ids=["dark-border", "light-border"])
+def test_the_one_inversion_rule_on_images_and_on_their_bytes(border):
+    """``inverted_as_asked`` (the photo pipeline) and ``inverted_pixels`` (the service's crops) are one
+    rule: "true" negates as ImageOps.invert does, "false" never, "auto" only a light border."""
+    rng = np.random.default_rng(border)
+    pixels = rng.integers(0, 256, (40, 30), dtype=np.uint8)
+    pixels[[0, -1], :] = border
+    pixels[:, [0, -1]] = border
+    gray = Image.fromarray(pixels, mode="L")
+    negative = ImageOps.invert(gray).tobytes()
+    expected = {"true": negative, "false": gray.tobytes(), "auto": negative if border > 127 else gray.tobytes()}
+    for mode, want in expected.items():
+        assert inverted_as_asked(gray, mode).tobytes() == want
+        assert inverted_pixels(gray.tobytes(), 30, mode) == want
