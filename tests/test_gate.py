@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,8 +86,6 @@ def test_independent_evaluation_agrees_with_the_bundled_card_and_catches_a_false
     """scripts/evaluate.py scores the shipped model through torchvision's stock transforms, not the
     training code's data path, and must find the card's accuracy to the image; a card claiming one
     image more is refused."""
-    import shutil
-
     bundled = REPO / "models"
     assert evaluate_script.main(evaluate_script.parse_args([str(bundled), "--data-dir", str(data_root)])) == 0
     card = json.loads((bundled / "model.json").read_text())
