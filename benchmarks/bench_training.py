@@ -9,6 +9,9 @@
 3. With --forward: the batch-1 forward pass of each architecture's default model on one
    thread, as the service runs it (service.model.LoadedModel.predict: an MLP through DirectMLP, any
    other model layer by layer, softmax, inference mode; no detector): what serving one image costs.
+4. With --steps (then exits): one training step of the default MLP recipe (forward, loss, backward,
+   AdamW, EMA on one real batch) without dropout, with ``nn.Dropout`` and with ``BitsDropout``, and
+   one dropout layer's forward and backward at the recipe's shapes: what the masks cost.
 
 The runs alternate (quickstart epoch, our training, quickstart epoch, ...) so background load
 hits both alike; medians are printed. Usage: python benchmarks/bench_training.py [--device cuda]
@@ -23,6 +26,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 # As in training/__main__.py: sleeping OpenMP waiters, or a shared machine's load makes timings collapse.
@@ -35,7 +39,17 @@ from torchvision import datasets, transforms
 
 from fashion.contract import ModelConfig, build_model
 from training.data import FastFashionMNIST, TensorBatchDataset, ensure_fashion_mnist
-from training.train import RECIPES, TrainConfig, resolve_device, train
+from training.dropout import BitsDropout, use_bits_dropout
+from training.train import (
+    RECIPES,
+    TrainConfig,
+    WeightAverage,
+    fast_bf16,
+    make_optimizer,
+    resolve_device,
+    soft_cross_entropy,
+    train,
+)
 
 TARGET = 0.90
 MODES = {"auto": None, "fp32": False, "bf16": True}
@@ -135,6 +149,63 @@ def forward_costs(repeats: int = 2_000) -> None:
     torch.set_num_threads(threads)
 
 
+def step_costs(root: Path, bf16: bool, rounds: int = 60) -> None:
+    """Median milliseconds of a default MLP training step with each kind of dropout, and of one dropout
+    layer (forward + backward) at the recipe's batch and hidden width; interleaved rounds."""
+    recipe = RECIPES["mlp"]
+    data = FastFashionMNIST(root, train=True)
+    inputs, targets = data.inputs[: recipe.batch_size], data.target_vectors[: recipe.batch_size]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+    def trainer(dropout: float, bits: bool):
+        model = build_model(replace(recipe, dropout=dropout).model_config()).train()
+        if bits:
+            use_bits_dropout(model)
+        optimizer, average = make_optimizer(model, recipe, torch.device("cpu")), WeightAverage(model, recipe.ema)
+
+        def step() -> None:
+            with autocast:
+                logits = model(inputs)
+            loss = soft_cross_entropy(logits, targets, recipe.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            average.update()
+
+        return step
+
+    activations = torch.randn(
+        recipe.batch_size, recipe.hidden_sizes[0], dtype=torch.bfloat16 if bf16 else torch.float32, requires_grad=True
+    )
+
+    def layer_pass(layer: nn.Module):
+        def run() -> None:
+            out = layer(activations)
+            out.backward(torch.ones_like(out))
+
+        return run
+
+    p = recipe.dropout
+    cases = {
+        "step, no dropout": trainer(0.0, False),
+        f"step, nn.Dropout({p})": trainer(p, False),
+        f"step, BitsDropout({p})": trainer(p, True),
+        f"one nn.Dropout({p}) layer": layer_pass(nn.Dropout(p).train()),
+        f"one BitsDropout({p}) layer": layer_pass(BitsDropout(p).train()),
+    }
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for round_ in range(rounds + 5):
+        for name, run in cases.items():
+            started = time.perf_counter()
+            run()
+            if round_ >= 5:  # the first calls pick kernels
+                times[name].append(time.perf_counter() - started)
+    shape = f"batch {recipe.batch_size}, {'bf16' if bf16 else 'float32'}, {torch.get_num_threads()} threads"
+    for name, measured in times.items():
+        what = "forward + backward" if "layer" in name else "forward, loss, backward, AdamW, EMA"
+        print(f"{name:>28}: {statistics.median(measured) * 1e3:6.2f} ms ({what}; {shape}; median of {rounds})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
@@ -146,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=tuple(MODES), default="auto", help="auto = timed at start, as the CLI")
     parser.add_argument("--forward", action="store_true", help="also time each architecture's batch-1 forward")
     parser.add_argument(
+        "--steps", action="store_true", help="time a training step with each kind of dropout, then exit"
+    )
+    parser.add_argument(
         "--stop-at-target", action="store_true", help=f"end each run at >= {TARGET} (final accuracy not measured)"
     )
     args = parser.parse_args(argv)
@@ -155,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{cpu_name()}, {os.cpu_count()} CPUs; device {device}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {args.repeats} repeats, mode {args.mode}"
     )
+    if args.steps:
+        bf16 = MODES[args.mode] if MODES[args.mode] is not None else fast_bf16(device)
+        step_costs(root, bf16)
+        return 0
     if args.forward:
         forward_costs()
     quick, quick_cpu, ours = [], [], []

@@ -725,3 +725,14 @@ def test_the_one_bounded_number_parser():
     ]:
         with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
             parse_bounded(text, kind, **bounds)
+
+
+def test_the_step_cost_benchmark_runs_the_recipes_steps(data_root, capsys):
+    """bench_training --steps builds its steps from the training code; when that code's names or
+    signatures change, this fails here instead of in a benchmark run."""
+    from benchmarks.bench_training import step_costs
+
+    step_costs(data_root, bf16=False, rounds=1)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5 and all(" ms (" in line for line in lines)
+    assert any("BitsDropout" in line for line in lines) and any("nn.Dropout" in line for line in lines)

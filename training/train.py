@@ -523,7 +523,7 @@ def train(
     Chooses the precision and thread count first (``choose_mode``; the time counts in elapsed_s)
     and writes the choice into ``config``. With ``config.ema`` the weights' moving average is
     what each epoch evaluates, and it is copied into ``model`` at the end. On the CPU, ``model``'s
-    dropout layers become ``BitsDropout`` (same distribution, a quarter of the cost, no state).
+    dropout layers become ``BitsDropout`` (same distribution, a third of the cost, no state).
     """
     model.to(device)
     if device.type == "cpu":
