@@ -5,6 +5,7 @@
     models/history/<version>/model.safetensors      an earlier model, exactly as it was served
     models/history/<version>/model.json
     models/history/<version>/history.json           {"version", "accepted_at", "archived_at"}
+    models/history/<version>/*.png                  its plots, when its card names them (``plots``)
 
 ``<version>`` is the first 12 hex digits of the weights' SHA-256, as the service reports it.
 ``fashion-models promote`` archives the current model here before installing another one
@@ -84,6 +85,25 @@ def read_pair(model_dir: str | os.PathLike) -> tuple[bytes, bytes, dict]:
     return weights, card_data, card
 
 
+def read_plots(model_dir: str | os.PathLike, card: dict) -> dict[str, bytes]:
+    """The plots beside a model that its card vouches for (``plots``: file name -> SHA-256), by name.
+
+    A plot that is missing or whose bytes differ from the card's hash is left out, and so is a
+    name that is not a plain file name (a card is data from wherever the model came from)."""
+    model_dir, plots = Path(model_dir), {}
+    named = card.get("plots") if isinstance(card, dict) else None
+    for name, sha in (named if isinstance(named, dict) else {}).items():
+        if not isinstance(name, str) or Path(name).name != name or name.startswith(".") or not name.endswith(".png"):
+            continue
+        try:
+            data = (model_dir / name).read_bytes()
+        except OSError:
+            continue
+        if sha256_bytes(data) == sha:
+            plots[name] = data
+    return plots
+
+
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -143,6 +163,7 @@ def archive_current(model_dir: str | os.PathLike, when: str | None = None) -> En
     if current is None:
         return None
     weights, card_data, card = read_pair(model_dir)
+    plots = read_plots(model_dir, card)
     when = when or now()
     meta = {"version": current.version, "accepted_at": current.accepted_at, "archived_at": when}
     meta_bytes = (json.dumps(meta, indent=2) + "\n").encode()
@@ -154,6 +175,8 @@ def archive_current(model_dir: str | os.PathLike, when: str | None = None) -> En
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{current.version}.", suffix=".tmp-write"))
     try:
         os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide it from a service running as another user
+        for name, data in plots.items():
+            write_file_atomically(staging / name, data)
         commit_files(staging, weights, card_data)
         write_file_atomically(staging / ENTRY_FILE, meta_bytes)
         os.replace(staging, target)
@@ -176,15 +199,32 @@ def prune(model_dir: str | os.PathLike, keep: int) -> list[str]:
     return removed
 
 
-def install(model_dir: str | os.PathLike, weights: bytes, card_data: bytes, how: str, keep: int = DEFAULT_KEEP) -> None:
-    """Archive the current model, then commit ``weights`` + ``card_data`` as the current one, then prune.
+def install(
+    model_dir: str | os.PathLike,
+    weights: bytes,
+    card_data: bytes,
+    how: str,
+    keep: int = DEFAULT_KEEP,
+    plots: dict[str, bytes] | None = None,
+) -> None:
+    """Archive the current model, then commit ``weights`` + ``card_data`` (+ ``plots``) as the current one, then prune.
 
     The commit is fashion.checkpoint's (weights first, card last, signals held), so the service's
-    hot reload sees the old pair or the new one, never a mix."""
+    hot reload sees the old pair or the new one, never a mix. The plots are written before it, as
+    training writes them, and the replaced model's plots that the new card does not name are removed
+    after it, so the folder never keeps another model's curves beside a card."""
     model_dir = Path(model_dir)
+    plots = plots or {}
     when = now()
     archive_current(model_dir, when)
+    current = current_entry(model_dir)
+    stale = set(read_plots(model_dir, current.card)) - set(plots) if current is not None else set()
+    for name, data in plots.items():
+        write_file_atomically(model_dir / name, data)
     commit_files(model_dir, weights, card_data)
+    for name in stale:
+        with contextlib.suppress(OSError):
+            (model_dir / name).unlink()
     version = sha256_bytes(weights)[:12]
     accepted = {"version": version, "accepted_at": when, "how": how}
     write_file_atomically(model_dir / ACCEPTED_FILE, (json.dumps(accepted, indent=2) + "\n").encode())

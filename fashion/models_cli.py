@@ -175,8 +175,8 @@ def _install(model_dir: Path, source: Path, how: str, keep: int, policy: Validat
         print(f"{verdict['version']} is already the current model in {model_dir}")
         return OK
     try:
-        weights, card_data, _card = history.read_pair(source)
-        history.install(model_dir, weights, card_data, how, keep)
+        weights, card_data, card = history.read_pair(source)
+        history.install(model_dir, weights, card_data, how, keep, history.read_plots(source, card))
     except CheckpointError as error:  # the files changed between the validation and the copy
         print(f"refused ({INVALID_CHECKPOINT}): {error}")
         return REFUSED

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -267,6 +268,42 @@ def test_promote_and_rollback_on_a_live_server(start_gunicorn, model_dir, tmp_pa
         client.stop()
     assert client.errors == [] and set(client.statuses) == {200}
     assert set(client.versions) == {first, second}
+
+
+def test_promote_and_rollback_carry_each_models_plots(model_dir, tmp_path):
+    """The folder's plots are always the current card's: promote brings the new model's and removes the
+    old ones it does not name, the history keeps each model's, and rollback brings them back."""
+    first = read_card(model_dir)["weights"]["sha256"][:12]
+    first_plots = {name: (BUNDLED / name).read_bytes() for name in read_card(BUNDLED)["plots"]}
+    assert set(first_plots) == {"training-curves.png", "confusion-matrix.png"}
+    for name, data in first_plots.items():
+        (model_dir / name).write_bytes(data)
+    curves = b"\x89PNG the second model's curves"
+    planted = {"training-curves.png": curves, "../escape.png": b"\x89PNG beside the folder, not in it"}
+
+    def with_plots(model, card) -> None:
+        honest_record(model, card)
+        # Only the curves; a name outside the folder is ignored, never read or written.
+        card["plots"] = {name: hashlib.sha256(data).hexdigest() for name, data in planted.items()}
+
+    second = save_candidate(tmp_path / "second", slightly_different, with_plots)
+    (tmp_path / "second" / "training-curves.png").write_bytes(curves)
+    (tmp_path / "escape.png").write_bytes(planted["../escape.png"])
+
+    promoted = models_cli("--model-dir", str(model_dir), "promote", str(tmp_path / "second"))
+    assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+    assert read_card(model_dir)["weights"]["sha256"][:12] == second
+    assert (model_dir / "training-curves.png").read_bytes() == curves
+    assert not (model_dir / "confusion-matrix.png").exists()  # the first model's, which the new card does not name
+    archived = model_dir / "history" / first
+    assert {name: (archived / name).read_bytes() for name in first_plots} == first_plots
+
+    back = models_cli("--model-dir", str(model_dir), "rollback")
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert read_card(model_dir)["weights"]["sha256"][:12] == first
+    assert {name: (model_dir / name).read_bytes() for name in first_plots} == first_plots
+    assert (model_dir / "history" / second / "training-curves.png").read_bytes() == curves
+    assert not (model_dir / "history" / "escape.png").exists()  # what "../escape.png" would have written
 
 
 def test_model_version_pins_the_service(start_gunicorn, model_dir, tmp_path):
