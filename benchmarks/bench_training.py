@@ -33,6 +33,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
@@ -41,12 +42,15 @@ from fashion.contract import ModelConfig, build_model
 from training.data import FastFashionMNIST, TensorBatchDataset, ensure_fashion_mnist
 from training.dropout import BitsDropout, use_bits_dropout
 from training.train import (
+    BLACK,
     RECIPES,
     TrainConfig,
     WeightAverage,
     fast_bf16,
     make_optimizer,
     resolve_device,
+    shift_by_gather,
+    shift_by_windows,
     soft_cross_entropy,
     train,
 )
@@ -150,8 +154,9 @@ def forward_costs(repeats: int = 2_000) -> None:
 
 
 def step_costs(root: Path, bf16: bool, rounds: int = 60) -> None:
-    """Median milliseconds of a default MLP training step with each kind of dropout, and of one dropout
-    layer (forward + backward) at the recipe's batch and hidden width; interleaved rounds."""
+    """Median milliseconds of a default MLP training step with each kind of dropout, of one dropout
+    layer (forward + backward) at the recipe's batch and hidden width, and of the recipe's shift of a
+    batch done each way; interleaved rounds."""
     recipe = RECIPES["mlp"]
     data = FastFashionMNIST(root, train=True)
     inputs, targets = data.inputs[: recipe.batch_size], data.target_vectors[: recipe.batch_size]
@@ -185,6 +190,19 @@ def step_costs(root: Path, bf16: bool, rounds: int = 60) -> None:
 
         return run
 
+    # The recipe's shift of a batch, both ways random_shift can take (the same images), as the training
+    # loop meets it: a fresh random batch of the data, padded, then shifted.
+    side, generator = 2 * recipe.shift + 1, torch.Generator().manual_seed(0)
+
+    def shifted_batch(shift):
+        def run() -> None:
+            batch = data.inputs[torch.randint(0, len(data.inputs), (recipe.batch_size,), generator=generator)]
+            padded = F.pad(batch, (recipe.shift,) * 4, value=BLACK)
+            dy, dx = torch.randint(0, side, (2, recipe.batch_size), generator=generator)
+            shift(padded, dy, dx, batch.shape[-2:])
+
+        return run
+
     p = recipe.dropout
     cases = {
         "step, no dropout": trainer(0.0, False),
@@ -192,6 +210,8 @@ def step_costs(root: Path, bf16: bool, rounds: int = 60) -> None:
         f"step, BitsDropout({p})": trainer(p, True),
         f"one nn.Dropout({p}) layer": layer_pass(nn.Dropout(p).train()),
         f"one BitsDropout({p}) layer": layer_pass(BitsDropout(p).train()),
+        f"batch + shift {recipe.shift} px by gather": shifted_batch(shift_by_gather),
+        f"batch + shift {recipe.shift} px by windows": shifted_batch(shift_by_windows),
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
     for round_ in range(rounds + 5):
@@ -202,8 +222,14 @@ def step_costs(root: Path, bf16: bool, rounds: int = 60) -> None:
                 times[name].append(time.perf_counter() - started)
     shape = f"batch {recipe.batch_size}, {'bf16' if bf16 else 'float32'}, {torch.get_num_threads()} threads"
     for name, measured in times.items():
-        what = "forward + backward" if "layer" in name else "forward, loss, backward, AdamW, EMA"
-        print(f"{name:>28}: {statistics.median(measured) * 1e3:6.2f} ms ({what}; {shape}; median of {rounds})")
+        what = (
+            "forward + backward"
+            if "layer" in name
+            else "index, pad and shift a batch"
+            if "shift" in name
+            else "forward, loss, backward, AdamW, EMA"
+        )
+        print(f"{name:>30}: {statistics.median(measured) * 1e3:6.2f} ms ({what}; {shape}; median of {rounds})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=tuple(MODES), default="auto", help="auto = timed at start, as the CLI")
     parser.add_argument("--forward", action="store_true", help="also time each architecture's batch-1 forward")
     parser.add_argument(
-        "--steps", action="store_true", help="time a training step with each kind of dropout, then exit"
+        "--steps", action="store_true", help="time a training step with each kind of dropout and the shift, then exit"
     )
     parser.add_argument(
         "--stop-at-target", action="store_true", help=f"end each run at >= {TARGET} (final accuracy not measured)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -53,9 +54,12 @@ from training.train import (
     fast_bf16,
     freeze_all_but_last,
     main,
+    one_cycle,
     parse_args,
     random_erase,
     random_shift,
+    shift_by_gather,
+    shift_by_windows,
     train,
     write_outputs,
 )
@@ -224,6 +228,21 @@ def test_random_shift_translates_within_bounds():
     assert set(shifted.unique().tolist()) <= {5.0, -1.0, background}
 
 
+@pytest.mark.parametrize("shift", [1, 2])
+def test_window_and_gather_shifts_make_the_same_images(shift):
+    """The CPU's per-offset window copies and the GPU's gather: each image cropped at its own offset."""
+    images = torch.randn(300, 1, 28, 28)
+    padded = torch.nn.functional.pad(images, (shift,) * 4, value=-0.8)
+    generator = torch.Generator().manual_seed(shift)
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, 300), generator=generator)
+    windows = shift_by_windows(padded, dy, dx, images.shape[-2:])
+    assert torch.equal(windows, shift_by_gather(padded, dy, dx, images.shape[-2:]))
+    for i in (0, 7, 299):
+        top, left = int(dy[i]), int(dx[i])
+        assert torch.equal(windows[i, 0], padded[i, 0, top : top + 28, left : left + 28])
+    assert len(set(zip(dy.tolist(), dx.tolist(), strict=True))) == (2 * shift + 1) ** 2  # every offset used
+
+
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5, 0.9])
 def test_bits_dropout_keeps_each_element_with_probability_1_minus_p(p):
     torch.manual_seed(0)
@@ -312,6 +331,23 @@ def test_arch_picks_its_recipe_and_options_override_it():
     assert cnn.arch == "cnn" and cnn.epochs == 2 and cnn.channels == RECIPES["cnn"].channels
     mlp = config_from_args(parse_args(["--no-bf16"]))
     assert mlp == TrainConfig(bf16=False)  # the shipped recipe is the dataclass default
+
+
+@pytest.mark.parametrize(("warmup", "steps"), [(0.1, 10), (0.2, 5), (0.5, 2), (0.3, 10), (0.1, 1)])
+def test_the_schedule_rises_then_anneals_for_any_warm_up(warmup, steps):
+    """OneCycleLR alone divides by zero when the warm-up is exactly one step (0.1 of 10 steps)."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = one_cycle(optimizer, 4e-3, steps, warmup)
+    rates = [optimizer.param_groups[0]["lr"]]
+    for _ in range(steps - 1):
+        optimizer.step()
+        schedule.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert max(rates) <= 4e-3 * (1 + 1e-6)
+    if steps > 2:  # it rises, then only falls, to far below where it started
+        peak = rates.index(max(rates))
+        assert peak > 0 and all(a >= b for a, b in itertools.pairwise(rates[peak:]))
+        assert rates[-1] < rates[0] / 100
 
 
 def test_same_seed_same_weights(train_set, test_set):
@@ -631,8 +667,8 @@ def test_committed_default_model_reproduces_its_card(test_set):
     accuracy, _, confusion = evaluate(model, test_set.inputs, test_set.targets)
     assert accuracy == card["metrics"]["test_accuracy"]
     assert confusion.tolist() == card["metrics"]["confusion_matrix"]["counts"]
-    # 0.9093 when trained on all 60,000; 0.9065 on the 57,000 outside the held-out split. 0.91 is not reached.
-    assert accuracy >= 0.905
+    # The goal for the default MLP (issue 13); seeds 0/1/2 of the recipe gave 0.9142/0.9142/0.9101.
+    assert accuracy >= 0.91
     assert card["training"]["device"] == "cpu"
     assert card["data"]["files_sha256"] == file_checksums(test_set.root)
     for name in (CURVES_FILE, CONFUSION_FILE):
@@ -669,8 +705,8 @@ def test_shipped_model_accuracy_by_an_independent_evaluation(data_root):
     accuracy = float((x.argmax(axis=1) == labels).mean())
     # float64 here, float32 in the card: an image on a knife-edge may fall either way, no more than a few.
     assert abs(accuracy - card["metrics"]["test_accuracy"]) <= 0.0005
-    # 0.9093 when trained on all 60,000; 0.9065 on the 57,000 outside the held-out split. 0.91 is not reached.
-    assert accuracy >= 0.905
+    # The goal for the default MLP (issue 13); seeds 0/1/2 of the recipe gave 0.9142/0.9142/0.9101.
+    assert accuracy >= 0.91
 
 
 # --------------------------------------------------------------------------- GPU
@@ -734,5 +770,6 @@ def test_the_step_cost_benchmark_runs_the_recipes_steps(data_root, capsys):
 
     step_costs(data_root, bf16=False, rounds=1)
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 5 and all(" ms (" in line for line in lines)
+    assert len(lines) == 7 and all(" ms (" in line for line in lines)
     assert any("BitsDropout" in line for line in lines) and any("nn.Dropout" in line for line in lines)
+    assert any("by windows" in line for line in lines) and any("by gather" in line for line in lines)
