@@ -546,7 +546,10 @@ def test_bad_arguments_exit_2(argv, capsys):
 # signal always lands while the child waits at exactly that write, however loaded the machine is.
 KILLABLE = textwrap.dedent(
     """
-    import os, sys
+    import os, signal, sys
+    # Python's own Ctrl-C handler, even when the suite was started from a background job of a
+    # non-interactive shell, which starts its children with SIGINT ignored (the test would then hang).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     real_fsync = os.fsync
     count = 0
     def held_fsync(fd):
