@@ -1,13 +1,13 @@
 """Dropout for training on the CPU that draws its mask from whole random words.
 
 On the CPU, ``nn.Dropout`` asks the generator for one Bernoulli sample per element, on one thread:
-at the default MLP's shapes (batch 1024 x 512) that is about 5 ms a layer, forward and backward, and
-the two layers took a 12.6 ms training step to 21.9 ms (AMD EPYC, 2 threads, bf16;
-``benchmarks/bench_training.py --steps``).
+at the default MLP's shapes (batch 1024 x 512, p = 0.1) that is about 4 ms a layer, forward and
+backward, and the two layers took a 13.3-14.5 ms training step to 20.8-21.9 ms (AMD EPYC, 2 threads,
+bf16; ``benchmarks/bench_training.py --steps``, two runs).
 ``BitsDropout`` fills one int64 with 64 random bits per four elements and keeps an element when its
 16 bits clear a threshold: the same distribution (each element kept independently with probability
 ``1 - p``, survivors scaled by ``1 / (1 - p)``), with ``p`` rounded to a multiple of 1/65536, from
-the same seeded generator, in about a third of the time (1.7 ms a layer, 16.0 ms a step).
+the same seeded generator, in well under half the time (1.7-1.8 ms a layer, 15.6-17.0 ms a step).
 
 It has no state, so a model trained with it saves the very ``state_dict`` that ``build_model``'s
 plain ``nn.Dropout`` loads, and in eval mode it is the identity, as ``nn.Dropout`` is. Off the CPU
