@@ -10,8 +10,9 @@
    thread, as the service runs it (service.model.LoadedModel.predict: an MLP through DirectMLP, any
    other model layer by layer, softmax, inference mode; no detector): what serving one image costs.
 4. With --steps (then exits): one training step of the default MLP recipe (forward, loss, backward,
-   AdamW, EMA on one real batch) without dropout, with ``nn.Dropout`` and with ``BitsDropout``, and
-   one dropout layer's forward and backward at the recipe's shapes: what the masks cost.
+   AdamW, EMA on one real batch) without dropout, with ``nn.Dropout`` and with ``BitsDropout``,
+   one dropout layer's forward and backward at the recipe's shapes, and the recipe's shift of a
+   batch done both ways ``random_shift`` can do it: what the masks and the shift cost.
 
 The runs alternate (quickstart epoch, our training, quickstart epoch, ...) so background load
 hits both alike; medians are printed. Usage: python benchmarks/bench_training.py [--device cuda]
@@ -48,10 +49,10 @@ from training.train import (
     WeightAverage,
     fast_bf16,
     make_optimizer,
+    optimizer_step,
     resolve_device,
     shift_by_gather,
     shift_by_windows,
-    soft_cross_entropy,
     train,
 )
 
@@ -160,7 +161,6 @@ def step_costs(root: Path, bf16: bool, rounds: int = 60) -> None:
     recipe = RECIPES["mlp"]
     data = FastFashionMNIST(root, train=True)
     inputs, targets = data.inputs[: recipe.batch_size], data.target_vectors[: recipe.batch_size]
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
     def trainer(dropout: float, bits: bool):
         model = build_model(replace(recipe, dropout=dropout).model_config()).train()
@@ -169,12 +169,7 @@ def step_costs(root: Path, bf16: bool, rounds: int = 60) -> None:
         optimizer, average = make_optimizer(model, recipe, torch.device("cpu")), WeightAverage(model, recipe.ema)
 
         def step() -> None:
-            with autocast:
-                logits = model(inputs)
-            loss = soft_cross_entropy(logits, targets, recipe.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            optimizer_step(model, optimizer, inputs, targets, recipe.label_smoothing, bf16)
             average.update()
 
         return step
@@ -204,31 +199,26 @@ def step_costs(root: Path, bf16: bool, rounds: int = 60) -> None:
         return run
 
     p = recipe.dropout
-    cases = {
-        "step, no dropout": trainer(0.0, False),
-        f"step, nn.Dropout({p})": trainer(p, False),
-        f"step, BitsDropout({p})": trainer(p, True),
-        f"one nn.Dropout({p}) layer": layer_pass(nn.Dropout(p).train()),
-        f"one BitsDropout({p}) layer": layer_pass(BitsDropout(p).train()),
-        f"batch + shift {recipe.shift} px by gather": shifted_batch(shift_by_gather),
-        f"batch + shift {recipe.shift} px by windows": shifted_batch(shift_by_windows),
+    step, layer, shifting = "forward, loss, backward, AdamW, EMA", "forward + backward", "index, pad and shift a batch"
+    cases = {  # name -> (what one call does, the call)
+        "step, no dropout": (step, trainer(0.0, False)),
+        f"step, nn.Dropout({p})": (step, trainer(p, False)),
+        f"step, BitsDropout({p})": (step, trainer(p, True)),
+        f"one nn.Dropout({p}) layer": (layer, layer_pass(nn.Dropout(p).train())),
+        f"one BitsDropout({p}) layer": (layer, layer_pass(BitsDropout(p).train())),
+        f"batch + shift {recipe.shift} px by gather": (shifting, shifted_batch(shift_by_gather)),
+        f"batch + shift {recipe.shift} px by windows": (shifting, shifted_batch(shift_by_windows)),
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
     for round_ in range(rounds + 5):
-        for name, run in cases.items():
+        for name, (_, run) in cases.items():
             started = time.perf_counter()
             run()
             if round_ >= 5:  # the first calls pick kernels
                 times[name].append(time.perf_counter() - started)
     shape = f"batch {recipe.batch_size}, {'bf16' if bf16 else 'float32'}, {torch.get_num_threads()} threads"
     for name, measured in times.items():
-        what = (
-            "forward + backward"
-            if "layer" in name
-            else "index, pad and shift a batch"
-            if "shift" in name
-            else "forward, loss, backward, AdamW, EMA"
-        )
+        what = cases[name][0]
         print(f"{name:>30}: {statistics.median(measured) * 1e3:6.2f} ms ({what}; {shape}; median of {rounds})")
 
 

@@ -388,6 +388,26 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: f
     return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
 
 
+def optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    smoothing: float,
+    bf16: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training step (forward, under bf16 autocast if asked; loss; backward; optimizer): (logits, loss).
+
+    The loop, the timed steps that choose its precision and the step benchmark all run this one."""
+    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(inputs)
+    loss = soft_cross_entropy(logits, targets, smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return logits, loss
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, torch.Tensor]:
     """(accuracy, mean loss, confusion matrix [true, predicted]) of ``model`` on a whole split, in float32."""
@@ -506,12 +526,7 @@ def choose_mode(
                 torch.set_num_threads(threads)
             _synchronize(device)
             begun = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = trial(inputs[:size])
-            loss = soft_cross_entropy(logits, targets[:size], config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            optimizer_step(trial, optimizer, inputs[:size], targets[:size], config.label_smoothing, bf16)
             _synchronize(device)
             return time.perf_counter() - begun
 
@@ -583,7 +598,6 @@ def train(
     scheduler = one_cycle(optimizer, config.lr, config.epochs * len(loader), config.warmup)
     average = WeightAverage(model, config.ema) if config.ema > 0 else None
     evaluated = average.model if average is not None else model
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
     test_labels = test_set.targets.to(device)
     history = []
     for epoch in range(1, config.epochs + 1):
@@ -592,12 +606,7 @@ def train(
         bar = _progress(loader, len(loader), f"epoch {epoch}/{config.epochs}")
         for inputs, targets in bar:
             inputs = augment(inputs, config, generator)
-            with autocast:
-                logits = model(inputs)
-            loss = soft_cross_entropy(logits, targets, config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            logits, loss = optimizer_step(model, optimizer, inputs, targets, config.label_smoothing, config.bf16)
             scheduler.step()
             if average is not None:
                 average.update()
