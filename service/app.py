@@ -26,6 +26,7 @@ from werkzeug.exceptions import HTTPException
 from fashion.contract import CLASS_NAMES
 from service import metrics, openapi, v2_routes
 from service.config import Settings
+from service.fast_path import PlainCropFastPath
 from service.logs import access_line, configure_logging, write_line
 from service.model import ModelRunner
 from service.web import (
@@ -37,13 +38,13 @@ from service.web import (
     parse_options,
     prediction_json,
     read_images,
+    request_id_from,
     to_inputs,
     verdict_json,
 )
 
 log = logging.getLogger(__name__)
 
-_REQUEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 # W3C Trace Context: version-traceid-parentid-flags, lowercase hex; its trace id is logged.
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 
@@ -60,11 +61,8 @@ class ServiceRequest(Request):
 
     @cached_property
     def request_id(self) -> str:
-        """The client's X-Request-ID when it is short and plain (so it cannot forge log lines), else a new one."""
-        rid = self.headers.get("X-Request-ID", "")
-        if not rid or len(rid) > 128 or not _REQUEST_ID_CHARS.issuperset(rid):
-            rid = os.urandom(8).hex()
-        return rid
+        """The request's id (``request_id_from``)."""
+        return request_id_from(self.headers.get("X-Request-ID"))
 
 
 class ServiceFlask(Flask):
@@ -102,9 +100,12 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
 
     service_metrics = metrics.register(app)
     v2_routes.register(app)
-    register_request_hook(app, settings, service_metrics, runner)
+    recorder = RequestRecorder(settings, service_metrics, runner)
+    register_request_hook(app, recorder)
     register_error_handlers(app)
     register_routes(app, settings, runner)
+    # Plain single-crop predictions are answered in front of Flask; everything else reaches it.
+    app.wsgi_app = PlainCropFastPath(app.wsgi_app, runner, recorder, settings)  # type: ignore[method-assign]
 
     runner.maybe_reload()
     warm_up_decoding(settings.max_image_pixels)
@@ -184,36 +185,69 @@ def register_routes(app: Flask, settings: Settings, runner: ModelRunner) -> None
         return send_from_directory(app.static_folder, "index.html", max_age=0)
 
 
-def register_request_hook(app: Flask, settings: Settings, observed: metrics.Metrics, runner: ModelRunner) -> None:
-    """One hook after every request (errors included): request id, metrics, the access line."""
-    log_requests = settings.access_log
-    perf_counter = time.perf_counter
-    observe_request, observe_model = observed.observe_request, observed.observe_model
+class RequestRecorder:
+    """What every answer leaves behind: the request's metrics and, with ACCESS_LOG on, its access line.
+
+    Called by Flask's after-request hook and by the fast path (service.fast_path), which must
+    leave the same traces."""
+
+    def __init__(self, settings: Settings, observed: metrics.Metrics, runner: ModelRunner) -> None:
+        self.log_requests = settings.access_log
+        self.observe_request, self.observe_model = observed.observe_request, observed.observe_model
+        self.runner = runner
+
+    def record(
+        self,
+        endpoint: str,
+        method: str,
+        path: str,
+        status: int,
+        seconds: float,
+        request_id: str,
+        label: str | list[str] | None,
+        error_code: str | None,
+        traceparent: str | None,
+    ) -> None:
+        """Count and time the request under ``endpoint`` (its URL rule), then write its access line."""
+        self.observe_request(endpoint, method, status, seconds)
+        self.observe_model(self.runner.current)
+        if self.log_requests:
+            match = _TRACEPARENT.fullmatch(traceparent.strip()) if traceparent else None
+            write_line(
+                access_line(
+                    request_id,
+                    method,
+                    path,
+                    status,
+                    round(seconds * 1000, 3),
+                    label,
+                    error_code,
+                    match.group(1) if match else None,
+                )
+            )
+
+
+def register_request_hook(app: Flask, recorder: RequestRecorder) -> None:
+    """One hook after every request Flask answers (errors included): request id, metrics, the access line."""
+    perf_counter, record = time.perf_counter, recorder.record
 
     @app.after_request
     def finish_request(response: Response) -> Response:
         req = request._get_current_object()
         seconds = perf_counter() - req.started
-        status = response.status_code
         rule = req.url_rule
-        observe_request(rule.rule if rule is not None else metrics.UNMATCHED, req.method, status, seconds)
-        observe_model(runner.current)
         rid = response.headers["X-Request-ID"] = req.request_id
-        if log_requests:
-            traceparent = req.headers.get("traceparent")
-            match = _TRACEPARENT.fullmatch(traceparent.strip()) if traceparent else None
-            write_line(
-                access_line(
-                    rid,
-                    req.method,
-                    req.path,
-                    status,
-                    round(seconds * 1000, 3),
-                    req.label,
-                    req.error_code,
-                    match.group(1) if match else None,
-                )
-            )
+        record(
+            rule.rule if rule is not None else metrics.UNMATCHED,
+            req.method,
+            req.path,
+            response.status_code,
+            seconds,
+            rid,
+            req.label,
+            req.error_code,
+            req.headers.get("traceparent"),
+        )
         return response
 
 

@@ -54,7 +54,7 @@ class Metrics:
         )
         self.request_seconds = Histogram(
             "fashion_http_request_duration_seconds",
-            "Time from the request reaching Flask to its response being ready, by route and method.",
+            "Time from the request reaching the app to its response being ready, by route and method.",
             ["endpoint", "method"],
             buckets=LATENCY_BUCKETS,
             registry=registry,

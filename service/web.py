@@ -13,6 +13,7 @@ This module imports neither the app nor the routes, so ``service.app`` (POST /pr
 from __future__ import annotations
 
 import json
+import os
 import struct
 import time
 import zlib
@@ -47,6 +48,8 @@ RAW_IMAGE_TYPES = frozenset({ANY_BYTES, *(media for types in MEDIA_TYPES.values(
 # The same, one per format without the aliases: what the API documents.
 DOCUMENTED_IMAGE_TYPES = (*(types[0] for types in MEDIA_TYPES.values()), ANY_BYTES)
 
+_REQUEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+
 HTTP_CODES = {
     400: "bad_request",
     404: "not_found",
@@ -62,6 +65,13 @@ class ServiceError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+
+
+def request_id_from(header: str | None) -> str:
+    """The client's X-Request-ID when it is short and plain (so it cannot forge log lines), else a new one."""
+    if not header or len(header) > 128 or not _REQUEST_ID_CHARS.issuperset(header):
+        return os.urandom(8).hex()
+    return header
 
 
 def runner_of(app: Flask) -> ModelRunner:
@@ -206,30 +216,30 @@ def to_inputs(blobs: list[bytes], invert: str, max_pixels: int) -> torch.Tensor:
     MAX_REQUEST_PIXELS before anything is decoded, and REQUEST_DEADLINE before each image.
     """
     max_request_pixels, deadline = request_budget()
-    crops = _plain_crops(blobs, max_request_pixels, deadline)
-    if crops is not None:  # the common case: Fashion-MNIST crops as plain PNGs
-        rows = [inverted_pixels(crop.tobytes(), INPUT_WIDTH, invert) for crop in crops]
-    else:
-        rows = _general_rows(blobs, invert, max_pixels, max_request_pixels, deadline)
-    return pixel_rows_to_input(rows)
+    inputs = plain_crop_inputs(blobs, invert, max_request_pixels, deadline)
+    if inputs is not None:  # the common case: Fashion-MNIST crops as plain PNGs
+        return inputs
+    return pixel_rows_to_input(_general_rows(blobs, invert, max_pixels, max_request_pixels, deadline))
 
 
-def _plain_crops(blobs: list[bytes], max_request_pixels: int | None, deadline: float | None) -> list | None:
-    """Every image decoded by ``decode_crop``, within the same budget as the general path; None when
-    one is not a plain crop or a budget would refuse, and the general path decides (and says why)."""
+def plain_crop_inputs(
+    blobs: list[bytes], invert: str, max_request_pixels: int | None, deadline: float | None
+) -> torch.Tensor | None:
+    """``to_inputs`` for images that are all plain crops (``decode_crop``), within the same budget;
+    None when one is not, or when a budget would refuse: then the general path decides (and says why)."""
     if not all(blob[:29] == _PNG_SIGNATURE + _CROP_IHDR for blob in blobs):
         return None
     if max_request_pixels is not None and len(blobs) * INPUT_WIDTH * INPUT_HEIGHT > max_request_pixels:
         return None
-    crops = []
+    rows = []
     for blob in blobs:
         if deadline is not None and time.monotonic() > deadline:
             return None
         crop = decode_crop(blob)
         if crop is None:
             return None
-        crops.append(crop)
-    return crops
+        rows.append(inverted_pixels(crop.tobytes(), INPUT_WIDTH, invert))
+    return pixel_rows_to_input(rows)
 
 
 def _general_rows(
