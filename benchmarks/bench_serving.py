@@ -391,6 +391,8 @@ def stage_costs(args: argparse.Namespace, images: int = 500, rounds: int = 7) ->
         "/predict: the whole request": through(app),
     }
     if not args.root:
+        # What a request the fast path leaves to Flask takes: the same crop through the route.
+        stages["/predict through Flask's route (no fast path)"] = through(app.wsgi_app.flask)
         stages.update(_stages_of_this_checkout(app, blobs, environs))
     costs: dict[str, list[float]] = {name: [] for name in stages}
     null = os.open(os.devnull, os.O_WRONLY)
@@ -444,7 +446,7 @@ def _stages_of_this_checkout(app, blobs: list[bytes], environs: list[dict]) -> d
 
     stages = {
         "read_images (the body, in a request context)": reading,
-        "decode_crop (the plain 28x28 PNG fast path)": lambda i: decode_crop(blobs[i]),
+        "decode_crop (the plain 28x28 PNG decoder)": lambda i: decode_crop(blobs[i]),
         "decode_image (the general path: Pillow open + load)": lambda i: decode_image(blobs[i]),
         "crop_pixels (a decoded crop's pixels, inverted if asked)": lambda i: crop_pixels(decoded[i], "auto"),
         "to_fashion_mnist (the general photo path)": lambda i: to_fashion_mnist(decoded[i], "auto"),
