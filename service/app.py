@@ -26,7 +26,7 @@ from werkzeug.exceptions import HTTPException
 from fashion.contract import CLASS_NAMES
 from service import metrics, openapi, v2_routes
 from service.config import Settings
-from service.fast_path import PlainCropFastPath
+from service.fast_path import FastPath
 from service.logs import access_line, configure_logging, write_line
 from service.model import ModelRunner
 from service.web import (
@@ -104,8 +104,8 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
     register_request_hook(app, recorder)
     register_error_handlers(app)
     register_routes(app, settings, runner)
-    # Plain single-crop predictions are answered in front of Flask; everything else reaches it.
-    app.wsgi_app = PlainCropFastPath(app.wsgi_app, runner, recorder, settings)  # type: ignore[method-assign]
+    # The commonest predictions are answered in front of Flask (service.fast_path); everything else reaches it.
+    app.wsgi_app = FastPath(app.wsgi_app, runner, recorder, settings)  # type: ignore[method-assign]
 
     runner.maybe_reload()
     warm_up_decoding(settings.max_image_pixels)

@@ -1,18 +1,21 @@
-"""POST /predict of one plain Fashion-MNIST crop, answered in front of Flask.
+"""The two commonest predictions, answered in front of Flask: one plain crop to POST /predict, and
+a v2 inference request with an FP32 tensor.
 
-Most predictions are one 28x28 grayscale PNG posted as the body, with no options. For such a
-request Flask's request and response objects, routing, context stack and header handling cost
-more than decoding, the model and the JSON together (``bench_serving.py --stages`` in the
-README). ``PlainCropFastPath`` wraps the Flask app's WSGI callable (``app.wsgi_app``, Flask's own
-place for middleware) and answers that one shape itself, with the same steps Flask's route takes
-(``plain_crop_inputs``, the runner's ``predict``, ``prediction_json``) and the same traces
-(``RequestRecorder``: metrics, access line, request id): the same bytes, status and headers, which
-a test compares request by request.
+Most predictions are one 28x28 grayscale PNG posted as the body, with no options, or a v2
+client's tensor. For such a request Flask's request and response objects, routing, context stack
+and header handling cost about as much as decoding, the model and the JSON together
+(``bench_serving.py --stages`` in the README). ``FastPath`` wraps the Flask app's WSGI callable
+(``app.wsgi_app``, Flask's own place for middleware) and answers those shapes itself, with the
+steps Flask's routes take (``plain_crop_inputs``, ``prediction_json``; ``v2_routes.infer_answer``)
+and the same traces (``RequestRecorder``: metrics, access line, request id): the same bytes, status
+and headers, which tests compare request by request.
 
-Everything else goes to Flask untouched: other paths and methods, a query string, a Content-Type
-that is not exactly one of the raw image types, a missing or too large Content-Length, and any
-body that is not a plain crop. Those the path has read are handed to Flask as the body, so Flask
-sees the request the client sent and answers it, refusals included, as it always has.
+Everything else goes to Flask untouched: other paths and methods, a query string, a chunked or
+compressed body, a missing or too large Content-Length; for /predict a Content-Type that is not
+exactly one of the raw image types, or a body that is not a plain crop; for v2 another model name
+or version, an input other than one FP32 tensor, or anything the protocol refuses. A body the path
+has read is handed to Flask as the body, so Flask sees the request the client sent and answers it,
+refusals included, as it always has.
 """
 
 from __future__ import annotations
@@ -20,79 +23,127 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fashion.contract import CLASS_NAMES
+from service.v2 import HEADER_LENGTH, INPUT_TENSOR, V2Error, parse_infer_request
+from service.v2_routes import infer_answer
 from service.web import RAW_IMAGE_TYPES, plain_crop_inputs, prediction_json, request_id_from, verdict_json
 
 if TYPE_CHECKING:
     from service.app import RequestRecorder
     from service.config import Settings
-    from service.model import ModelRunner
+    from service.model import LoadedModel, ModelRunner
 
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
+# Flask's URL rules of the v2 inference routes: the metrics' endpoint label.
+V2_INFER_RULE = "/v2/models/<name>/infer"
+V2_INFER_VERSION_RULE = "/v2/models/<name>/versions/<version>/infer"
 
 
-class PlainCropFastPath:
-    """WSGI middleware: a single plain-crop POST /predict answered here, anything else by ``flask``."""
+@dataclass(frozen=True)
+class Answer:
+    """A 200 answer: its body and Content-Type, any other headers, and what the request's traces say."""
+
+    payload: bytes
+    content_type: str
+    endpoint: str  # the URL rule Flask would have matched
+    label: str | list[str]
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class FastPath:
+    """WSGI middleware: the requests described above answered here, anything else by ``flask``."""
 
     def __init__(self, flask: WSGIApp, runner: ModelRunner, recorder: RequestRecorder, settings: Settings) -> None:
         self.flask = flask
-        self.runner, self.record = runner, recorder.record
-        self.max_upload_bytes = settings.max_upload_bytes
-        self.max_request_pixels, self.request_deadline = settings.max_request_pixels, settings.request_deadline
+        self.runner, self.record, self.settings = runner, recorder.record, settings
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
-        if not self.takes(environ):
+        handler = self.handler(environ)
+        if handler is None:
             return self.flask(environ, start_response)
         started = time.perf_counter()
         body = environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"]))
-        answer = self.answer(body, time.monotonic() + self.request_deadline)
+        answer = handler(body, environ)
         if answer is None:
             environ["wsgi.input"] = io.BytesIO(body)  # what was read, for Flask to read again
             return self.flask(environ, start_response)
-        text, label = answer
-        payload = text.encode()
         request_id = request_id_from(environ.get("HTTP_X_REQUEST_ID"))
+        payload = answer.payload
         start_response(
             "200 OK",
-            [("Content-Type", "application/json"), ("Content-Length", str(len(payload))), ("X-Request-ID", request_id)],
+            [
+                ("Content-Type", answer.content_type),
+                ("Content-Length", str(len(payload))),
+                *answer.headers,
+                ("X-Request-ID", request_id),
+            ],
         )
         seconds = time.perf_counter() - started
-        self.record(
-            "/predict", "POST", "/predict", 200, seconds, request_id, label, None, environ.get("HTTP_TRACEPARENT")
-        )
+        path, traceparent = environ["PATH_INFO"], environ.get("HTTP_TRACEPARENT")
+        self.record(answer.endpoint, "POST", path, 200, seconds, request_id, answer.label, None, traceparent)
         return [payload]
 
-    def takes(self, environ: dict[str, Any]) -> bool:
-        """Whether the request has the one shape this path answers (the body still unread)."""
+    def handler(self, environ: dict[str, Any]) -> Callable[[bytes, dict], Answer | None] | None:
+        """The step that may answer this request, from its method, path and headers (the body still unread)."""
         length = environ.get("CONTENT_LENGTH") or ""
-        return (
-            environ.get("PATH_INFO") == "/predict"
-            and environ.get("REQUEST_METHOD") == "POST"
-            and not environ.get("QUERY_STRING")
-            and environ.get("CONTENT_TYPE") in RAW_IMAGE_TYPES
-            and "HTTP_TRANSFER_ENCODING" not in environ
-            and length.isascii()
-            and length.isdigit()
-            and 0 < int(length) <= self.max_upload_bytes
-        )
-
-    def answer(self, body: bytes, deadline: float) -> tuple[str, str] | None:
-        """(the JSON answer, its label) for a body that is a plain crop, when a model is ready; else None.
-
-        ``deadline``: REQUEST_DEADLINE as a time.monotonic() value, as Flask's route keeps it."""
-        inputs = plain_crop_inputs([body], "auto", self.max_request_pixels, deadline)
-        if inputs is None:
+        if (
+            environ.get("REQUEST_METHOD") != "POST"
+            or environ.get("QUERY_STRING")
+            or "HTTP_TRANSFER_ENCODING" in environ
+            or not (length.isascii() and length.isdigit() and 0 < int(length) <= self.settings.max_upload_bytes)
+        ):
             return None
-        runner = self.runner
-        runner.maybe_reload()
-        model = runner.current
-        if model is None:  # Flask says why (503 model_not_ready)
+        path = environ.get("PATH_INFO", "")
+        if path == "/predict":
+            return self.plain_crop if environ.get("CONTENT_TYPE") in RAW_IMAGE_TYPES else None
+        if path.startswith("/v2/models/") and path.endswith("/infer") and "HTTP_CONTENT_ENCODING" not in environ:
+            return self.v2_tensor
+        return None
+
+    def ready_model(self) -> LoadedModel | None:
+        """The model to answer with (a newer one if it just landed); None while there is none (Flask says why)."""
+        self.runner.maybe_reload()
+        return self.runner.current
+
+    def plain_crop(self, body: bytes, environ: dict[str, Any]) -> Answer | None:
+        """POST /predict of one plain crop (``plain_crop_inputs``): Flask's ``predict`` route, for this case."""
+        deadline = time.monotonic() + self.settings.request_deadline  # as request_budget keeps it
+        inputs = plain_crop_inputs([body], "auto", self.settings.max_request_pixels, deadline)
+        model = self.ready_model() if inputs is not None else None
+        if model is None:
             return None
-        verdicts = runner.predict(model, inputs)
+        verdicts = self.runner.predict(model, inputs)
         verdict = verdict_json(verdicts.calibrated[0], verdicts.reasons[0])
         text, class_id = prediction_json(
             verdicts.probabilities[0].tolist(), 0, f',"model":{model.identity_json}', verdict
         )
-        return text, CLASS_NAMES[class_id]
+        return Answer(text.encode(), "application/json", "/predict", CLASS_NAMES[class_id])
+
+    def v2_tensor(self, body: bytes, environ: dict[str, Any]) -> Answer | None:
+        """v2 inference with one FP32 ``input`` tensor (JSON or binary) to the served model: the
+        ``infer`` route's ``infer_answer``. Image inputs go to Flask, which holds them to the
+        request's pixel and time budget."""
+        model = self.ready_model()
+        if model is None:
+            return None
+        name, path = model.card.get("name"), environ["PATH_INFO"]
+        if path == f"/v2/models/{name}/infer":
+            endpoint = V2_INFER_RULE
+        elif path == f"/v2/models/{name}/versions/{model.version}/infer":
+            endpoint = V2_INFER_VERSION_RULE
+        else:
+            return None
+        try:
+            infer_request = parse_infer_request(body, environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH"))
+            if [(tensor.name, tensor.datatype) for tensor in infer_request.inputs] != [(INPUT_TENSOR, "FP32")]:
+                return None
+            answer = infer_answer(self.runner, model, name, infer_request, self.settings)
+        except V2Error:
+            return None
+        if answer.header_length is None:
+            return Answer(answer.body, "application/json", endpoint, answer.label)
+        headers = ((HEADER_LENGTH, str(answer.header_length)),)
+        return Answer(answer.body, "application/octet-stream", endpoint, answer.label, headers)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flask import Blueprint, Flask, Response, current_app, request
@@ -24,6 +26,9 @@ from service.v2 import (
     server_metadata,
 )
 from service.web import ServiceError, json_response, runner_of
+
+if TYPE_CHECKING:
+    from service.model import LoadedModel, ModelRunner
 
 
 def _error(message: str, status: int = 400) -> Response:
@@ -101,24 +106,38 @@ def create_blueprint() -> Blueprint:
     def infer(name: str, version: str | None = None) -> Response:
         """Inference: JSON and/or binary input tensors -> output tensors."""
         model = _served_model(name, version)
-        settings = current_app.config["SETTINGS"]
-        infer_request = decode_request()
-        invert = infer_request.parameters.get("invert", "auto")
-        if invert not in INVERT_MODES:
-            raise V2Error(f"parameter 'invert' must be one of {', '.join(INVERT_MODES)}")
-        outputs = select_outputs(infer_request)
-        batch = model_batch(infer_request, settings.max_batch, settings.max_image_pixels, invert)
-        verdicts = runner_of(current_app).predict(model, batch)
-        probabilities = verdicts.probabilities.numpy()
-        uncertain = np.array([reason is not None for reason in verdicts.reasons], dtype=bool)
-        labels = [CLASS_NAMES[i] for i in probabilities.argmax(axis=1).tolist()]
-        request.label = labels[0] if len(labels) == 1 else labels  # for the app's access log line
-        body, header_length = encode_response(
-            output_tensors(probabilities, outputs, uncertain), name, model.version, infer_request.id
-        )
-        return encode_http(body, header_length)
+        answer = infer_answer(runner_of(current_app), model, name, decode_request(), current_app.config["SETTINGS"])
+        request.label = answer.label  # for the app's access log line
+        return encode_http(answer.body, answer.header_length)
 
     return bp
+
+
+@dataclass(frozen=True)
+class InferAnswer:
+    body: bytes
+    header_length: int | None  # the JSON header's length when binary data follows it, else None
+    label: str | list[str]  # the predicted label, or one per image of a batch
+
+
+def infer_answer(
+    runner: ModelRunner, model: LoadedModel, name: str, infer_request: InferRequest, settings
+) -> InferAnswer:
+    """A parsed inference request to ``model`` (served as ``name``) -> its answer; every V2Error is
+    raised before the forward pass, so a refused request leaves no trace in the metrics."""
+    invert = infer_request.parameters.get("invert", "auto")
+    if invert not in INVERT_MODES:
+        raise V2Error(f"parameter 'invert' must be one of {', '.join(INVERT_MODES)}")
+    outputs = select_outputs(infer_request)
+    batch = model_batch(infer_request, settings.max_batch, settings.max_image_pixels, invert)
+    verdicts = runner.predict(model, batch)
+    probabilities = verdicts.probabilities.numpy()
+    uncertain = np.array([reason is not None for reason in verdicts.reasons], dtype=bool)
+    labels = [CLASS_NAMES[i] for i in probabilities.argmax(axis=1).tolist()]
+    body, header_length = encode_response(
+        output_tensors(probabilities, outputs, uncertain), name, model.version, infer_request.id
+    )
+    return InferAnswer(body, header_length, labels[0] if len(labels) == 1 else labels)
 
 
 def decode_request() -> InferRequest:

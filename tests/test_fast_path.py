@@ -17,7 +17,7 @@ from PIL import Image
 from werkzeug.test import Client
 
 from service import create_app
-from service.fast_path import PlainCropFastPath
+from service.fast_path import FastPath
 from testing.images import encode, png
 from testing.models import TOY_MODEL_ENV, random_model_dir
 
@@ -39,7 +39,7 @@ def served_and_flask(model_dir, **env):
     """(client of the app as served, client of its Flask app alone, the counter in front of Flask)."""
     app = create_app({"MODEL_DIR": str(model_dir), "RELOAD_INTERVAL": "0", **env})
     fast_path = app.wsgi_app
-    assert isinstance(fast_path, PlainCropFastPath)
+    assert isinstance(fast_path, FastPath)
     counting = fast_path.flask = CountingFlask(fast_path.flask)
     return app, Client(app), Client(counting.flask), counting
 
@@ -152,3 +152,108 @@ def test_the_fast_path_serves_the_model_that_replaced_the_old_one(tmp_path, test
         time.sleep(0.05)
         version = client.post("/predict", data=crop, content_type="image/png").get_json()["model"]["version"]
     assert version != first
+
+
+# --------------------------------------------------------------------------- v2
+
+
+def v2_request(document: dict, *chunks: bytes, path: str = "/v2/models/fashion-mnist/infer", **headers) -> dict:
+    head = json.dumps(document).encode()
+    if chunks:
+        headers["Inference-Header-Content-Length"] = str(len(head))
+    content_type = "application/octet-stream" if chunks else "application/json"
+    return {
+        "path": path,
+        "method": "POST",
+        "data": head + b"".join(chunks),
+        "content_type": content_type,
+        "headers": headers,
+    }
+
+
+def fp32(array: np.ndarray, binary: bool = False) -> dict:
+    if binary:
+        return {
+            "name": "input",
+            "shape": list(array.shape),
+            "datatype": "FP32",
+            "parameters": {"binary_data_size": array.nbytes},
+        }
+    return {"name": "input", "shape": list(array.shape), "datatype": "FP32", "data": array.ravel().tolist()}
+
+
+def test_v2_tensors_are_answered_in_front_of_flask_with_flasks_bytes(bundled_model_dir, test_set, capfd):
+    app, served, _, counting = served_and_flask(bundled_model_dir)
+    flask_app, _, flask_only, _ = served_and_flask(bundled_model_dir)
+    version = app.extensions["model_runner"].current.version
+    one, three = test_set.inputs[:1].numpy(), test_set.inputs[1:4].numpy()
+    outputs = [{"name": "probabilities", "parameters": {"classification": 3}}, {"name": "label"}, {"name": "uncertain"}]
+    requests_ = [
+        v2_request({"inputs": [fp32(one)]}),
+        v2_request({"id": "batch-3", "inputs": [fp32(three)], "outputs": outputs}),
+        v2_request({"inputs": [fp32(one, binary=True)], "parameters": {"binary_data_output": True}}, one.tobytes()),
+        v2_request({"inputs": [fp32(three, binary=True)], "outputs": outputs[:2]}, three.tobytes()),
+        v2_request({"inputs": [fp32(one)]}, path=f"/v2/models/fashion-mnist/versions/{version}/infer"),
+    ]
+    capfd.readouterr()
+    answers = []
+    for index, request in enumerate(requests_):
+        fast = answer(served, f"v2-{index}", **request)
+        assert counting.calls == 0, f"request {index} reached Flask"
+        assert fast == answer(flask_only, f"v2-{index}", **request)
+        assert fast[0] == "200 OK"
+        answers.append(dict(fast[1]))
+    binary = ["application/octet-stream" in headers["Content-Type"] for headers in answers]
+    assert binary == [False, False, True, False, False]  # binary output only where asked for
+    assert int(answers[2]["Inference-Header-Content-Length"]) < int(answers[2]["Content-Length"])
+    lines = [json.loads(line) for line in capfd.readouterr().err.splitlines() if '"service.access"' in line]
+    for line in lines:
+        assert line.pop("ts") > 0 and line.pop("latency_ms") >= 0
+    assert lines[0:10:2] == lines[1:10:2] and len(lines[3]["label"]) == 3
+    assert metric_samples(app) == metric_samples(flask_app)
+    endpoints = {labels for name, labels in metric_samples(app) if name == "fashion_http_requests_total"}
+    assert {dict(labels)["endpoint"] for labels in endpoints} == {
+        "/v2/models/<name>/infer",
+        "/v2/models/<name>/versions/<version>/infer",
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "image input",
+        "other model",
+        "other version",
+        "gzip",
+        "not JSON",
+        "bad invert",
+        "wrong shape",
+        "over MAX_BATCH",
+        "unknown output",
+        "query string",
+    ],
+)
+def test_other_v2_requests_reach_flask_and_get_its_answer(case, bundled_model_dir, test_set):
+    _, served, flask_only, counting = served_and_flask(bundled_model_dir, MAX_BATCH="2")
+    one = test_set.inputs[:1].numpy()
+    crop = png(test_set.data.numpy()[0])
+    image = {"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 4 + len(crop)}}
+    request = {
+        "image input": lambda: v2_request({"inputs": [image]}, len(crop).to_bytes(4, "little") + crop),
+        "other model": lambda: v2_request({"inputs": [fp32(one)]}, path="/v2/models/mnist/infer"),
+        "other version": lambda: v2_request({"inputs": [fp32(one)]}, path="/v2/models/fashion-mnist/versions/1/infer"),
+        "gzip": lambda: v2_request({"inputs": [fp32(one)]}, **{"Content-Encoding": "gzip"}),
+        "not JSON": lambda: {**v2_request({}), "data": b"{not json"},
+        "bad invert": lambda: v2_request({"inputs": [fp32(one)], "parameters": {"invert": "maybe"}}),
+        "wrong shape": lambda: v2_request({"inputs": [fp32(one.reshape(1, 784))]}),
+        "over MAX_BATCH": lambda: v2_request({"inputs": [fp32(test_set.inputs[:3].numpy())]}),
+        "unknown output": lambda: v2_request({"inputs": [fp32(one)], "outputs": [{"name": "logits"}]}),
+        "query string": lambda: {**v2_request({"inputs": [fp32(one)]}), "query_string": "x=1"},
+    }[case]()
+    fast = answer(served, "same", **request)
+    assert counting.calls == 1
+    assert fast == answer(flask_only, "same", **request)
+    if case == "image input":
+        assert fast[0] == "200 OK"
+    else:
+        assert fast[0] != "200 OK" or case == "query string"
