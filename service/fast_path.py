@@ -1,26 +1,28 @@
 """The two commonest predictions, answered in front of Flask: one plain crop to POST /predict, and
 a v2 inference request with an FP32 tensor.
 
-Most predictions are one 28x28 grayscale PNG posted as the body, with no options, or a v2
-client's tensor. For such a request Flask's request and response objects, routing, context stack
-and header handling cost about as much as decoding, the model and the JSON together
-(``bench_serving.py --stages`` in the README). ``FastPath`` wraps the Flask app's WSGI callable
-(``app.wsgi_app``, Flask's own place for middleware) and answers those shapes itself, with the
-steps Flask's routes take (``plain_crop_inputs``, ``prediction_json``; ``v2_routes.infer_answer``)
-and the same traces (``RequestRecorder``: metrics, access line, request id): the same bytes, status
-and headers, which tests compare request by request.
+Most predictions are one 28x28 grayscale PNG posted as the body, or a v2 client's tensor. For such
+a request Flask's request and response objects, routing, context stack and header handling cost
+about as much as decoding, the model and the JSON together (``bench_serving.py --stages`` in the
+README). ``FastPath`` wraps the Flask app's WSGI callable (``app.wsgi_app``, Flask's own place for
+middleware) and answers those shapes itself, with the steps Flask's routes take
+(``plain_crop_inputs``, ``parse_options``, ``prediction_json``; ``v2_routes.infer_answer``) and the
+same traces (``RequestRecorder``: metrics, access line, request id): the same bytes, status and
+headers, which tests compare request by request.
 
-Everything else goes to Flask untouched: other paths and methods, a query string, a chunked or
-compressed body, a missing or too large Content-Length; for /predict a Content-Type that is not
-exactly one of the raw image types, or a body that is not a plain crop; for v2 another model name
-or version, an input other than one FP32 tensor, or anything the protocol refuses. A body the path
-has read is handed to Flask as the body, so Flask sees the request the client sent and answers it,
+Everything else goes to Flask untouched: other paths and methods, a chunked or compressed body, a
+missing or too large Content-Length; for /predict a Content-Type that is not exactly one of the raw
+image types, a query string other than plain ``top_k``/``invert`` pairs, or a body that is not a
+plain crop; for v2 a query string, another model name or version, an input other than one FP32
+tensor, or anything the protocol refuses. A body the path has read is handed to Flask as the body,
+with the time the request started, so Flask sees the request the client sent and answers it,
 refusals included, as it always has.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,7 +31,15 @@ from typing import TYPE_CHECKING, Any
 from fashion.contract import CLASS_NAMES
 from service.v2 import HEADER_LENGTH, INPUT_TENSOR, V2Error, parse_infer_request
 from service.v2_routes import infer_answer
-from service.web import RAW_IMAGE_TYPES, plain_crop_inputs, prediction_json, request_id_from, verdict_json
+from service.web import (
+    RAW_IMAGE_TYPES,
+    ServiceError,
+    parse_options,
+    plain_crop_inputs,
+    prediction_json,
+    request_id_from,
+    verdict_json,
+)
 
 if TYPE_CHECKING:
     from service.app import RequestRecorder
@@ -37,6 +47,10 @@ if TYPE_CHECKING:
     from service.model import LoadedModel, ModelRunner
 
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
+# The environ key with the request's time.perf_counter() start, for a request handed on to Flask.
+STARTED_KEY = "fashion.started"
+# A query string of plain name=value pairs, which werkzeug's request.args reads as they are written.
+_PLAIN_QUERY = re.compile(r"[A-Za-z0-9_.=&-]*")
 # Flask's URL rules of the v2 inference routes: the metrics' endpoint label.
 V2_INFER_RULE = "/v2/models/<name>/infer"
 V2_INFER_VERSION_RULE = "/v2/models/<name>/versions/<version>/infer"
@@ -69,6 +83,8 @@ class FastPath:
         answer = handler(body, environ)
         if answer is None:
             environ["wsgi.input"] = io.BytesIO(body)  # what was read, for Flask to read again
+            # The request's clock keeps running in Flask: its deadline and latency count this attempt.
+            environ[STARTED_KEY] = started
             return self.flask(environ, start_response)
         request_id = request_id_from(environ.get("HTTP_X_REQUEST_ID"))
         payload = answer.payload
@@ -91,7 +107,6 @@ class FastPath:
         length = environ.get("CONTENT_LENGTH") or ""
         if (
             environ.get("REQUEST_METHOD") != "POST"
-            or environ.get("QUERY_STRING")
             or "HTTP_TRANSFER_ENCODING" in environ
             or not (length.isascii() and length.isdigit() and 0 < int(length) <= self.settings.max_upload_bytes)
         ):
@@ -99,7 +114,12 @@ class FastPath:
         path = environ.get("PATH_INFO", "")
         if path == "/predict":
             return self.plain_crop if environ.get("CONTENT_TYPE") in RAW_IMAGE_TYPES else None
-        if path.startswith("/v2/models/") and path.endswith("/infer") and "HTTP_CONTENT_ENCODING" not in environ:
+        if (
+            path.startswith("/v2/models/")
+            and path.endswith("/infer")
+            and not environ.get("QUERY_STRING")
+            and "HTTP_CONTENT_ENCODING" not in environ
+        ):
             return self.v2_tensor
         return None
 
@@ -110,15 +130,19 @@ class FastPath:
 
     def plain_crop(self, body: bytes, environ: dict[str, Any]) -> Answer | None:
         """POST /predict of one plain crop (``plain_crop_inputs``): Flask's ``predict`` route, for this case."""
+        options = query_options(environ.get("QUERY_STRING", ""))
+        if options is None:
+            return None
+        top_k, invert = options
         deadline = time.monotonic() + self.settings.request_deadline  # as request_budget keeps it
-        inputs = plain_crop_inputs([body], "auto", self.settings.max_request_pixels, deadline)
+        inputs = plain_crop_inputs([body], invert, self.settings.max_request_pixels, deadline)
         model = self.ready_model() if inputs is not None else None
         if model is None:
             return None
         verdicts = self.runner.predict(model, inputs)
         verdict = verdict_json(verdicts.calibrated[0], verdicts.reasons[0])
         text, class_id = prediction_json(
-            verdicts.probabilities[0].tolist(), 0, f',"model":{model.identity_json}', verdict
+            verdicts.probabilities[0].tolist(), top_k, f',"model":{model.identity_json}', verdict
         )
         return Answer(text.encode(), "application/json", "/predict", CLASS_NAMES[class_id])
 
@@ -147,3 +171,21 @@ class FastPath:
             return Answer(answer.body, "application/json", endpoint, answer.label)
         headers = ((HEADER_LENGTH, str(answer.header_length)),)
         return Answer(answer.body, "application/octet-stream", endpoint, answer.label, headers)
+
+
+def query_options(query: str) -> tuple[int, str] | None:
+    """(top_k, invert) from a query string of plain, distinct name=value pairs (``parse_options``);
+    None for any other query string, or one ``parse_options`` refuses: Flask reads those."""
+    if not _PLAIN_QUERY.fullmatch(query):
+        return None
+    args: dict[str, str] = {}
+    for pair in query.split("&"):
+        if pair:
+            name, _, value = pair.partition("=")
+            if name in args:
+                return None
+            args[name] = value
+    try:
+        return parse_options(args)
+    except ServiceError:
+        return None

@@ -17,7 +17,8 @@ from PIL import Image
 from werkzeug.test import Client
 
 from service import create_app
-from service.fast_path import FastPath
+from service.app import ServiceRequest
+from service.fast_path import STARTED_KEY, FastPath
 from testing.images import encode, png
 from testing.models import TOY_MODEL_ENV, random_model_dir
 
@@ -32,6 +33,7 @@ class CountingFlask:
 
     def __call__(self, environ, start_response):
         self.calls += 1
+        self.environ = environ
         return self.flask(environ, start_response)
 
 
@@ -62,14 +64,24 @@ def test_plain_crops_are_answered_in_front_of_flask_with_flasks_bytes(bundled_mo
     bodies = crops(test_set)
     capfd.readouterr()
     answers = []
+    # Every fifth request with options, as the page and the README's examples send them.
+    queries = ["", "top_k=3", "", "invert=true", "", "invert=false&top_k=10", "", "top_k=2&invert=auto&lang=en"]
     for index, body in enumerate(bodies):
-        request = {"path": "/predict", "method": "POST", "data": body, "content_type": "image/png"}
+        query = queries[index % len(queries)]
+        request = {
+            "path": "/predict",
+            "method": "POST",
+            "data": body,
+            "content_type": "image/png",
+            "query_string": query,
+        }
         fast = answer(served, f"req-{index}", **request)
         assert counting.calls == 0, "a plain crop reached Flask"
         assert fast == answer(flask_only, f"req-{index}", **request)
         assert fast[0] == "200 OK"
         answers.append(json.loads(fast[2]))
     assert answers[-1]["uncertain"] and answers[-1]["reason"] == "not_a_garment"
+    assert [len(a.get("top_k", [])) for a in answers[:8]] == [0, 3, 0, 0, 0, 10, 0, 2]
     assert len({a["label"] for a in answers}) > 5
 
     lines = [json.loads(line) for line in capfd.readouterr().err.splitlines() if '"service.access"' in line]
@@ -97,7 +109,11 @@ def metric_samples(app) -> Counter:
 @pytest.mark.parametrize(
     "request_",
     [
-        pytest.param({"query_string": "top_k=3"}, id="query string"),
+        pytest.param({"query_string": "top_k=0"}, id="top_k out of range"),
+        pytest.param({"query_string": "invert=maybe"}, id="unknown invert"),
+        pytest.param({"query_string": "top_k=3&top_k=4"}, id="a repeated option"),
+        pytest.param({"query_string": "invert=%74rue"}, id="percent-encoded option"),
+        pytest.param({"query_string": "top_k=3;invert=true"}, id="semicolon"),
         pytest.param({"content_type": "image/png; charset=binary"}, id="content type with parameters"),
         pytest.param({"content_type": "text/plain"}, id="not an image type"),
         pytest.param({"path": "/predict/"}, id="other path"),
@@ -126,6 +142,19 @@ def test_other_requests_reach_flask_and_get_its_answer(request_, bundled_model_d
     fast = answer(served, "same", **request)
     assert counting.calls == 1
     assert fast == answer(flask_only, "same", **request)
+
+
+def test_a_request_handed_on_keeps_its_start_time(bundled_model_dir):
+    """Flask's deadline and latency for a request the fast path read and handed on count from when it arrived."""
+    _, served, _, counting = served_and_flask(bundled_model_dir)
+    before = time.perf_counter()
+    status, _, _ = answer(
+        served, "r", path="/predict", method="POST", data=b"\x89PNG not quite", content_type="image/png"
+    )
+    assert counting.calls == 1 and status.startswith("415")
+    started = counting.environ[STARTED_KEY]
+    assert before < started < time.perf_counter()
+    assert ServiceRequest(counting.environ).started == started
 
 
 def test_a_model_not_ready_is_flasks_503(tmp_path, test_set):
