@@ -28,6 +28,7 @@ from service.v2 import (
 from service.web import ServiceError, json_response, runner_of
 
 if TYPE_CHECKING:
+    from service.config import Settings
     from service.model import LoadedModel, ModelRunner
 
 
@@ -121,7 +122,7 @@ class InferAnswer:
 
 
 def infer_answer(
-    runner: ModelRunner, model: LoadedModel, name: str, infer_request: InferRequest, settings
+    runner: ModelRunner, model: LoadedModel, name: str, infer_request: InferRequest, settings: Settings
 ) -> InferAnswer:
     """A parsed inference request to ``model`` (served as ``name``) -> its answer; every V2Error is
     raised before the forward pass, so a refused request leaves no trace in the metrics."""
