@@ -4,7 +4,8 @@
 ``service.model``), found again with ``runner_of(app)``. ``test_config`` maps environment
 variable names (the README's table) to values that override the environment. The request
 steps and the error form are in ``service.web``; the v2 protocol, metrics and API documents
-register their own routes here, at the top of the factory.
+register their own routes here, at the top of the factory. The commonest predictions are answered
+in front of Flask by ``service.fast_path``, with the same steps and traces.
 """
 
 from __future__ import annotations

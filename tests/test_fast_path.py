@@ -286,3 +286,33 @@ def test_other_v2_requests_reach_flask_and_get_its_answer(case, bundled_model_di
         assert fast[0] == "200 OK"
     else:
         assert fast[0] != "200 OK" or case == "query string"
+
+
+# --------------------------------------------------------------------------- under gunicorn
+
+
+def test_under_gunicorn_both_paths_give_the_same_answers(bundled_server, test_set):
+    """Through the real server, a request the fast path answers and the same request in a form it hands
+    on to Flask (a percent-encoded option, a query string on v2) get the same bytes; a body it reads and
+    hands on is read again by Flask from gunicorn's request, and refused in the JSON error form."""
+    import requests
+
+    url = bundled_server.url
+    crop = png(test_set.data.numpy()[7])
+
+    def post(path, data, content_type, request_id):
+        headers = {"Content-Type": content_type, "X-Request-ID": request_id}
+        response = requests.post(url + path, data=data, headers=headers, timeout=10)
+        return response.status_code, response.headers["X-Request-ID"], response.content
+
+    fast = post("/predict?top_k=3", crop, "image/png", "g-1")
+    assert fast == post("/predict?top_k=%33", crop, "image/png", "g-1")
+    assert fast[0] == 200 and len(json.loads(fast[2])["top_k"]) == 3
+
+    status, _, body = post("/predict", crop[:45], "image/png", "g-2")
+    assert status == 400 and json.loads(body)["error"]["code"] == "invalid_image"
+
+    request = v2_request({"inputs": [fp32(test_set.inputs[7:9].numpy())]})
+    v2_fast = post(request["path"], request["data"], "application/json", "g-3")
+    assert v2_fast == post(request["path"] + "?via=flask", request["data"], "application/json", "g-3")
+    assert v2_fast[0] == 200 and json.loads(v2_fast[2])["outputs"][0]["shape"] == [2, 10]
