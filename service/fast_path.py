@@ -1,7 +1,7 @@
 """The two commonest predictions, answered in front of Flask: one plain crop to POST /predict, and
-a v2 inference request with an FP32 tensor.
+a v2 inference request.
 
-Most predictions are one 28x28 grayscale PNG posted as the body, or a v2 client's tensor. For such
+Most predictions are one 28x28 grayscale PNG posted as the body, or a v2 client's request. For such
 a request Flask's request and response objects, routing, context stack and header handling cost
 about as much as decoding, the model and the JSON together (``bench_serving.py --stages`` in the
 README). ``FastPath`` wraps the Flask app's WSGI callable (``app.wsgi_app``, Flask's own place for
@@ -13,8 +13,8 @@ headers, which tests compare request by request.
 Everything else goes to Flask untouched: other paths and methods, a chunked or compressed body, a
 missing or too large Content-Length; for /predict a Content-Type that is not exactly one of the raw
 image types, a query string other than plain ``top_k``/``invert`` pairs, or a body that is not a
-plain crop; for v2 a query string, another model name or version, an input other than one FP32
-tensor, or anything the protocol refuses. A body the path has read is handed to Flask as the body,
+plain crop; for v2 a query string, another model name or version, or anything the protocol
+refuses. A body the path has read is handed to Flask as the body,
 with the time the request started, so Flask sees the request the client sent and answers it,
 refusals included, as it always has.
 """
@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fashion.contract import CLASS_NAMES
-from service.v2 import HEADER_LENGTH, INPUT_TENSOR, V2Error, parse_infer_request
+from service.v2 import HEADER_LENGTH, V2Error, parse_infer_request
 from service.v2_routes import infer_answer
 from service.web import (
     RAW_IMAGE_TYPES,
+    Budget,
     ServiceError,
     parse_options,
     plain_crop_inputs,
@@ -80,7 +81,7 @@ class FastPath:
             return self.flask(environ, start_response)
         started = time.perf_counter()
         body = environ["wsgi.input"].read(int(environ["CONTENT_LENGTH"]))
-        answer = handler(body, environ)
+        answer = handler(body, environ, started)
         if answer is None:
             environ["wsgi.input"] = io.BytesIO(body)  # what was read, for Flask to read again
             # The request's clock keeps running in Flask: its deadline and latency count this attempt.
@@ -102,7 +103,7 @@ class FastPath:
         self.record(answer.endpoint, "POST", path, 200, seconds, request_id, answer.label, None, traceparent)
         return [payload]
 
-    def handler(self, environ: dict[str, Any]) -> Callable[[bytes, dict], Answer | None] | None:
+    def handler(self, environ: dict[str, Any]) -> Callable[[bytes, dict, float], Answer | None] | None:
         """The step that may answer this request, from its method, path and headers (the body still unread)."""
         length = environ.get("CONTENT_LENGTH") or ""
         if (
@@ -120,22 +121,28 @@ class FastPath:
             and not environ.get("QUERY_STRING")
             and "HTTP_CONTENT_ENCODING" not in environ
         ):
-            return self.v2_tensor
+            return self.v2_infer
         return None
+
+    def budget(self, started: float) -> Budget:
+        """The request's MAX_REQUEST_PIXELS and deadline, as ``request_budget`` keeps them for Flask."""
+        settings = self.settings
+        return settings.max_request_pixels, time.monotonic() + settings.request_deadline - (
+            time.perf_counter() - started
+        )
 
     def ready_model(self) -> LoadedModel | None:
         """The model to answer with (a newer one if it just landed); None while there is none (Flask says why)."""
         self.runner.maybe_reload()
         return self.runner.current
 
-    def plain_crop(self, body: bytes, environ: dict[str, Any]) -> Answer | None:
+    def plain_crop(self, body: bytes, environ: dict[str, Any], started: float) -> Answer | None:
         """POST /predict of one plain crop (``plain_crop_inputs``): Flask's ``predict`` route, for this case."""
         options = query_options(environ.get("QUERY_STRING", ""))
         if options is None:
             return None
         top_k, invert = options
-        deadline = time.monotonic() + self.settings.request_deadline  # as request_budget keeps it
-        inputs = plain_crop_inputs([body], invert, self.settings.max_request_pixels, deadline)
+        inputs = plain_crop_inputs([body], invert, *self.budget(started))
         model = self.ready_model() if inputs is not None else None
         if model is None:
             return None
@@ -146,10 +153,9 @@ class FastPath:
         )
         return Answer(text.encode(), "application/json", "/predict", CLASS_NAMES[class_id])
 
-    def v2_tensor(self, body: bytes, environ: dict[str, Any]) -> Answer | None:
-        """v2 inference with one FP32 ``input`` tensor (JSON or binary) to the served model: the
-        ``infer`` route's ``infer_answer``. Image inputs go to Flask, which holds them to the
-        request's pixel and time budget."""
+    def v2_infer(self, body: bytes, environ: dict[str, Any], started: float) -> Answer | None:
+        """v2 inference to the served model (tensors or encoded images, JSON or binary): the ``infer``
+        route's ``infer_answer``, within the request's budget."""
         model = self.ready_model()
         if model is None:
             return None
@@ -162,9 +168,7 @@ class FastPath:
             return None
         try:
             infer_request = parse_infer_request(body, environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH"))
-            if [(tensor.name, tensor.datatype) for tensor in infer_request.inputs] != [(INPUT_TENSOR, "FP32")]:
-                return None
-            answer = infer_answer(self.runner, model, name, infer_request, self.settings)
+            answer = infer_answer(self.runner, model, name, infer_request, self.settings, self.budget(started))
         except V2Error:
             return None
         if answer.header_length is None:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from fashion.contract import CLASS_NAMES, INPUT_SHAPE, NUM_CLASSES
-from service.web import ServiceError, to_inputs
+from service.web import Budget, ServiceError, to_inputs
 
 SERVER_NAME = "fashion-serve"
 PLATFORM = "pytorch"  # eager PyTorch (not TorchScript, which Triton calls "pytorch_libtorch")
@@ -335,8 +335,11 @@ def bytes_elements(tensor: InputTensor) -> list[bytes]:
     return elements
 
 
-def model_batch(request: InferRequest, max_batch: int, max_pixels: int, invert: str = "auto") -> torch.Tensor:
-    """The request's one model input -> the normalized float32 batch [N, 1, 28, 28] the model takes."""
+def model_batch(
+    request: InferRequest, max_batch: int, max_pixels: int, invert: str = "auto", budget: Budget | None = None
+) -> torch.Tensor:
+    """The request's one model input -> the normalized float32 batch [N, 1, 28, 28] the model takes
+    (encoded images within ``budget``, as ``to_inputs`` keeps it)."""
     known = {spec["name"] for spec in MODEL_INPUTS}
     for tensor in request.inputs:
         if tensor.name not in known:
@@ -368,7 +371,7 @@ def model_batch(request: InferRequest, max_batch: int, max_pixels: int, invert: 
     # The very steps POST /predict runs (fashion.images.decode_image, the contract's preprocessing),
     # so an image gets the same probabilities through either API.
     try:
-        return to_inputs(bytes_elements(tensor), invert, max_pixels)
+        return to_inputs(bytes_elements(tensor), invert, max_pixels, budget)
     except ServiceError as error:
         raise V2Error(f"input '{IMAGE_TENSOR}': {error.message}", status=error.status) from None
 

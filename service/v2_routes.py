@@ -25,7 +25,7 @@ from service.v2 import (
     select_outputs,
     server_metadata,
 )
-from service.web import ServiceError, json_response, runner_of
+from service.web import Budget, ServiceError, json_response, runner_of
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -122,15 +122,21 @@ class InferAnswer:
 
 
 def infer_answer(
-    runner: ModelRunner, model: LoadedModel, name: str, infer_request: InferRequest, settings: Settings
+    runner: ModelRunner,
+    model: LoadedModel,
+    name: str,
+    infer_request: InferRequest,
+    settings: Settings,
+    budget: Budget | None = None,
 ) -> InferAnswer:
-    """A parsed inference request to ``model`` (served as ``name``) -> its answer; every V2Error is
-    raised before the forward pass, so a refused request leaves no trace in the metrics."""
+    """A parsed inference request to ``model`` (served as ``name``) -> its answer, images decoded
+    within ``budget`` (the Flask request's when None); every V2Error is raised before the forward
+    pass, so a refused request leaves no trace in the metrics."""
     invert = infer_request.parameters.get("invert", "auto")
     if invert not in INVERT_MODES:
         raise V2Error(f"parameter 'invert' must be one of {', '.join(INVERT_MODES)}")
     outputs = select_outputs(infer_request)
-    batch = model_batch(infer_request, settings.max_batch, settings.max_image_pixels, invert)
+    batch = model_batch(infer_request, settings.max_batch, settings.max_image_pixels, invert, budget)
     verdicts = runner.predict(model, batch)
     probabilities = verdicts.probabilities.numpy()
     uncertain = np.array([reason is not None for reason in verdicts.reasons], dtype=bool)

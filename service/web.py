@@ -199,7 +199,11 @@ def crop_pixels(image: Image.Image, invert: str) -> bytes | None:
     return inverted_pixels(image.tobytes(), INPUT_WIDTH, invert)
 
 
-def request_budget() -> tuple[int | None, float | None]:
+# (MAX_REQUEST_PIXELS, the request's deadline as a time.monotonic() value); None where there is no limit.
+Budget = tuple[int | None, float | None]
+
+
+def request_budget() -> Budget:
     """(MAX_REQUEST_PIXELS, the request's deadline as a time.monotonic() value); no limits outside a request."""
     if not has_request_context():
         return None, None
@@ -209,13 +213,14 @@ def request_budget() -> tuple[int | None, float | None]:
     return settings.max_request_pixels, time.monotonic() + settings.request_deadline - spent
 
 
-def to_inputs(blobs: list[bytes], invert: str, max_pixels: int) -> torch.Tensor:
+def to_inputs(blobs: list[bytes], invert: str, max_pixels: int, budget: Budget | None = None) -> torch.Tensor:
     """Image bytes -> the normalized [N, 1, 28, 28] batch, with the shared contract's preprocessing.
 
-    Within the request's budget (fashion.images.decode_images): all headers are checked against
-    MAX_REQUEST_PIXELS before anything is decoded, and REQUEST_DEADLINE before each image.
+    Within the request's budget (fashion.images.decode_images; ``request_budget`` unless given): all
+    headers are checked against MAX_REQUEST_PIXELS before anything is decoded, and REQUEST_DEADLINE
+    before each image.
     """
-    max_request_pixels, deadline = request_budget()
+    max_request_pixels, deadline = request_budget() if budget is None else budget
     inputs = plain_crop_inputs(blobs, invert, max_request_pixels, deadline)
     if inputs is not None:  # the common case: Fashion-MNIST crops as plain PNGs
         return inputs

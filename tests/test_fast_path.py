@@ -7,6 +7,7 @@ match byte for byte: status, headers, body; then the metrics and access lines th
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections import Counter
@@ -211,11 +212,26 @@ def fp32(array: np.ndarray, binary: bool = False) -> dict:
     return {"name": "input", "shape": list(array.shape), "datatype": "FP32", "data": array.ravel().tolist()}
 
 
-def test_v2_tensors_are_answered_in_front_of_flask_with_flasks_bytes(bundled_model_dir, test_set, capfd):
+def images(blobs: list[bytes], binary: bool = True) -> dict:
+    """The BYTES ``image`` input of encoded files: binary (their lengths and bytes follow) or base64 in JSON."""
+    if binary:
+        size = sum(4 + len(blob) for blob in blobs)
+        return {"name": "image", "shape": [len(blobs)], "datatype": "BYTES", "parameters": {"binary_data_size": size}}
+    data = [base64.b64encode(blob).decode() for blob in blobs]
+    return {"name": "image", "shape": [len(blobs)], "datatype": "BYTES", "data": data}
+
+
+def bytes_chunk(blobs: list[bytes]) -> tuple[bytes]:
+    return (b"".join(len(blob).to_bytes(4, "little") + blob for blob in blobs),)
+
+
+def test_v2_requests_are_answered_in_front_of_flask_with_flasks_bytes(bundled_model_dir, test_set, capfd):
     app, served, _, counting = served_and_flask(bundled_model_dir)
     flask_app, _, flask_only, _ = served_and_flask(bundled_model_dir)
     version = app.extensions["model_runner"].current.version
     one, three = test_set.inputs[:1].numpy(), test_set.inputs[1:4].numpy()
+    crops_ = [png(image) for image in test_set.data.numpy()[:2]]
+    jpeg = encode(Image.fromarray(test_set.data.numpy()[2]), "JPEG")
     outputs = [{"name": "probabilities", "parameters": {"classification": 3}}, {"name": "label"}, {"name": "uncertain"}]
     requests_ = [
         v2_request({"inputs": [fp32(one)]}),
@@ -223,6 +239,10 @@ def test_v2_tensors_are_answered_in_front_of_flask_with_flasks_bytes(bundled_mod
         v2_request({"inputs": [fp32(one, binary=True)], "parameters": {"binary_data_output": True}}, one.tobytes()),
         v2_request({"inputs": [fp32(three, binary=True)], "outputs": outputs[:2]}, three.tobytes()),
         v2_request({"inputs": [fp32(one)]}, path=f"/v2/models/fashion-mnist/versions/{version}/infer"),
+        v2_request(
+            {"inputs": [images(crops_[:2])], "parameters": {"binary_data_output": True}}, *bytes_chunk(crops_[:2])
+        ),
+        v2_request({"inputs": [images([jpeg], binary=False)]}),
     ]
     capfd.readouterr()
     answers = []
@@ -233,12 +253,12 @@ def test_v2_tensors_are_answered_in_front_of_flask_with_flasks_bytes(bundled_mod
         assert fast[0] == "200 OK"
         answers.append(dict(fast[1]))
     binary = ["application/octet-stream" in headers["Content-Type"] for headers in answers]
-    assert binary == [False, False, True, False, False]  # binary output only where asked for
+    assert binary == [False, False, True, False, False, True, False]  # binary output only where asked for
     assert int(answers[2]["Inference-Header-Content-Length"]) < int(answers[2]["Content-Length"])
     lines = [json.loads(line) for line in capfd.readouterr().err.splitlines() if '"service.access"' in line]
     for line in lines:
         assert line.pop("ts") > 0 and line.pop("latency_ms") >= 0
-    assert lines[0:10:2] == lines[1:10:2] and len(lines[3]["label"]) == 3
+    assert lines[0::2] == lines[1::2] and len(lines) == 2 * len(requests_) and len(lines[3]["label"]) == 3
     assert metric_samples(app) == metric_samples(flask_app)
     endpoints = {labels for name, labels in metric_samples(app) if name == "fashion_http_requests_total"}
     assert {dict(labels)["endpoint"] for labels in endpoints} == {
@@ -250,7 +270,8 @@ def test_v2_tensors_are_answered_in_front_of_flask_with_flasks_bytes(bundled_mod
 @pytest.mark.parametrize(
     "case",
     [
-        "image input",
+        "an image over MAX_REQUEST_PIXELS",
+        "not an image",
         "other model",
         "other version",
         "gzip",
@@ -263,12 +284,18 @@ def test_v2_tensors_are_answered_in_front_of_flask_with_flasks_bytes(bundled_mod
     ],
 )
 def test_other_v2_requests_reach_flask_and_get_its_answer(case, bundled_model_dir, test_set):
-    _, served, flask_only, counting = served_and_flask(bundled_model_dir, MAX_BATCH="2")
+    _, served, flask_only, counting = served_and_flask(bundled_model_dir, MAX_BATCH="2", MAX_REQUEST_PIXELS="1000")
     one = test_set.inputs[:1].numpy()
     crop = png(test_set.data.numpy()[0])
     image = {"name": "image", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 4 + len(crop)}}
     request = {
-        "image input": lambda: v2_request({"inputs": [image]}, len(crop).to_bytes(4, "little") + crop),
+        "an image over MAX_REQUEST_PIXELS": lambda: v2_request(
+            {"inputs": [{**image, "shape": [2], "parameters": {"binary_data_size": 8 + 2 * len(crop)}}]},
+            2 * (len(crop).to_bytes(4, "little") + crop),
+        ),
+        "not an image": lambda: v2_request(
+            {"inputs": [{**image, "parameters": {"binary_data_size": 4 + 9}}]}, (9).to_bytes(4, "little") + b"not a png"
+        ),
         "other model": lambda: v2_request({"inputs": [fp32(one)]}, path="/v2/models/mnist/infer"),
         "other version": lambda: v2_request({"inputs": [fp32(one)]}, path="/v2/models/fashion-mnist/versions/1/infer"),
         "gzip": lambda: v2_request({"inputs": [fp32(one)]}, **{"Content-Encoding": "gzip"}),
@@ -282,10 +309,7 @@ def test_other_v2_requests_reach_flask_and_get_its_answer(case, bundled_model_di
     fast = answer(served, "same", **request)
     assert counting.calls == 1
     assert fast == answer(flask_only, "same", **request)
-    if case == "image input":
-        assert fast[0] == "200 OK"
-    else:
-        assert fast[0] != "200 OK" or case == "query string"
+    assert fast[0] != "200 OK" or case == "query string"
 
 
 # --------------------------------------------------------------------------- under gunicorn
