@@ -24,7 +24,6 @@ from flask import Flask, Request, Response, request, send_from_directory
 from PIL import Image
 from werkzeug.exceptions import HTTPException
 
-from fashion.contract import CLASS_NAMES
 from service import metrics, openapi, v2_routes
 from service.config import Settings
 from service.fast_path import STARTED_KEY, FastPath
@@ -37,11 +36,10 @@ from service.web import (
     json_response,
     json_text_response,
     parse_options,
-    prediction_json,
+    predictions_json,
     read_images,
     request_id_from,
     to_inputs,
-    verdict_json,
 )
 
 log = logging.getLogger(__name__)
@@ -107,7 +105,7 @@ def create_app(test_config: Mapping[str, str] | None = None) -> Flask:
     register_error_handlers(app)
     register_routes(app, settings, runner)
     # The commonest predictions are answered in front of Flask (service.fast_path); everything else reaches it.
-    app.wsgi_app = FastPath(app.wsgi_app, runner, recorder, settings)  # type: ignore[method-assign]
+    app.wsgi_app = FastPath(app.wsgi_app, runner, recorder, settings, app.config)  # type: ignore[method-assign]
 
     runner.maybe_reload()
     warm_up_decoding(settings.max_image_pixels)
@@ -134,15 +132,7 @@ def register_routes(app: Flask, settings: Settings, runner: ModelRunner) -> None
         top_k, invert = parse_options(req.args)
         blobs, batch = read_images(max_batch)
         verdicts = runner.predict(model, to_inputs(blobs, invert, max_pixels))
-        rows, reasons = verdicts.probabilities.tolist(), verdicts.reasons
-        trust = list(map(verdict_json, verdicts.calibrated, reasons))
-        if batch:
-            answers = [prediction_json(row, top_k, verdict=verdict) for row, verdict in zip(rows, trust, strict=True)]
-            req.label = [CLASS_NAMES[class_id] for _, class_id in answers]
-            texts = ",".join(text for text, _ in answers)
-            return json_text_response(f'{{"predictions":[{texts}],"model":{model.identity_json}}}')
-        text, class_id = prediction_json(rows[0], top_k, f',"model":{model.identity_json}', trust[0])
-        req.label = CLASS_NAMES[class_id]
+        text, req.label = predictions_json(verdicts, top_k, batch, model.identity_json)
         return json_text_response(text)
 
     @app.get("/healthz")

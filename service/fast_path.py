@@ -1,22 +1,23 @@
-"""The two commonest predictions, answered in front of Flask: one plain crop to POST /predict, and
-a v2 inference request.
+"""The commonest predictions, answered in front of Flask: plain crops to POST /predict (one raw, or
+a form's batch), and v2 inference requests.
 
-Most predictions are one 28x28 grayscale PNG posted as the body, or a v2 client's request. For such
-a request Flask's request and response objects, routing, context stack and header handling cost
-about as much as decoding, the model and the JSON together (``bench_serving.py --stages`` in the
-README). ``FastPath`` wraps the Flask app's WSGI callable (``app.wsgi_app``, Flask's own place for
-middleware) and answers those shapes itself, with the steps Flask's routes take
-(``plain_crop_inputs``, ``parse_options``, ``prediction_json``; ``v2_routes.infer_answer``) and the
-same traces (``RequestRecorder``: metrics, access line, request id): the same bytes, status and
-headers, which tests compare request by request.
+Most predictions are 28x28 grayscale PNGs posted as the body or as a form, or a v2 client's
+request. For such a request Flask's request and response objects, routing, context stack and
+header handling cost about as much as decoding, the model and the JSON together
+(``bench_serving.py --stages`` in the README). ``FastPath`` wraps the Flask app's WSGI callable
+(``app.wsgi_app``, Flask's own place for middleware) and answers those shapes itself, with the
+steps Flask's routes take (``file_parts``, ``parse_options``, ``plain_crop_inputs``,
+``predictions_json``; ``v2_routes.infer_answer``) and the same traces (``RequestRecorder``:
+metrics, access line, request id): the same bytes, status and headers, which tests compare
+request by request.
 
 Everything else goes to Flask untouched: other paths and methods, a chunked or compressed body, a
-missing or too large Content-Length; for /predict a Content-Type that is not exactly one of the raw
-image types, a query string other than plain ``top_k``/``invert`` pairs, or a body that is not a
-plain crop; for v2 a query string, another model name or version, or anything the protocol
-refuses. A body the path has read is handed to Flask as the body,
-with the time the request started, so Flask sees the request the client sent and answers it,
-refusals included, as it always has.
+missing or too large Content-Length; for /predict a Content-Type that is neither exactly one of the
+raw image types nor a multipart form, a form in a shape ``file_parts`` leaves to werkzeug, a query
+string other than plain ``top_k``/``invert`` pairs, or an image that is not a plain crop; for v2 a
+query string, another model name or version, or anything the protocol refuses. A body the path has
+read is handed to Flask as the body, with the time the request started, so Flask sees the request
+the client sent and answers it, refusals included, as it always has.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from __future__ import annotations
 import io
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fashion.contract import CLASS_NAMES
+from werkzeug.http import parse_options_header
+
+from service.multipart import file_parts
 from service.v2 import HEADER_LENGTH, V2Error, parse_infer_request
 from service.v2_routes import infer_answer
 from service.web import (
@@ -37,9 +40,8 @@ from service.web import (
     ServiceError,
     parse_options,
     plain_crop_inputs,
-    prediction_json,
+    predictions_json,
     request_id_from,
-    verdict_json,
 )
 
 if TYPE_CHECKING:
@@ -71,9 +73,12 @@ class Answer:
 class FastPath:
     """WSGI middleware: the requests described above answered here, anything else by ``flask``."""
 
-    def __init__(self, flask: WSGIApp, runner: ModelRunner, recorder: RequestRecorder, settings: Settings) -> None:
+    def __init__(
+        self, flask: WSGIApp, runner: ModelRunner, recorder: RequestRecorder, settings: Settings, config: Mapping
+    ) -> None:
         self.flask = flask
         self.runner, self.record, self.settings = runner, recorder.record, settings
+        self.config = config  # the Flask app's, for the form limits werkzeug's parser applies
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         handler = self.handler(environ)
@@ -114,7 +119,10 @@ class FastPath:
             return None
         path = environ.get("PATH_INFO", "")
         if path == "/predict":
-            return self.plain_crop if environ.get("CONTENT_TYPE") in RAW_IMAGE_TYPES else None
+            content_type = environ.get("CONTENT_TYPE", "")
+            if content_type in RAW_IMAGE_TYPES or content_type.lower().startswith("multipart/form-data"):
+                return self.predict
+            return None
         if (
             path.startswith("/v2/models/")
             and path.endswith("/infer")
@@ -136,22 +144,36 @@ class FastPath:
         self.runner.maybe_reload()
         return self.runner.current
 
-    def plain_crop(self, body: bytes, environ: dict[str, Any], started: float) -> Answer | None:
-        """POST /predict of one plain crop (``plain_crop_inputs``): Flask's ``predict`` route, for this case."""
+    def predict(self, body: bytes, environ: dict[str, Any], started: float) -> Answer | None:
+        """POST /predict of plain crops (``plain_crop_inputs``), one raw or a form's ``image`` fields in
+        the plain shape ``file_parts`` reads: Flask's ``predict`` route, for these cases."""
         options = query_options(environ.get("QUERY_STRING", ""))
         if options is None:
             return None
         top_k, invert = options
-        inputs = plain_crop_inputs([body], invert, *self.budget(started))
+        blobs, batch = self.images(body, environ)
+        if not blobs or len(blobs) > self.settings.max_batch:  # Flask says what is wrong
+            return None
+        inputs = plain_crop_inputs(blobs, invert, *self.budget(started))
         model = self.ready_model() if inputs is not None else None
         if model is None:
             return None
-        verdicts = self.runner.predict(model, inputs)
-        verdict = verdict_json(verdicts.calibrated[0], verdicts.reasons[0])
-        text, class_id = prediction_json(
-            verdicts.probabilities[0].tolist(), top_k, f',"model":{model.identity_json}', verdict
-        )
-        return Answer(text.encode(), "application/json", "/predict", CLASS_NAMES[class_id])
+        text, label = predictions_json(self.runner.predict(model, inputs), top_k, batch, model.identity_json)
+        return Answer(text.encode(), "application/json", "/predict", label)
+
+    def images(self, body: bytes, environ: dict[str, Any]) -> tuple[list[bytes] | None, bool]:
+        """(the image files, whether they are a batch of form fields), as ``read_images`` finds them; no
+        files when the body is a form ``file_parts`` leaves to werkzeug."""
+        content_type = environ.get("CONTENT_TYPE", "")
+        if content_type in RAW_IMAGE_TYPES:
+            return [body], False
+        mimetype, params = parse_options_header(content_type)
+        if mimetype.lower() != "multipart/form-data":
+            return None, False
+        config = self.config
+        boundary = params.get("boundary", "")
+        files = file_parts(body, boundary, "image", config["MAX_FORM_PARTS"], config["MAX_FORM_MEMORY_SIZE"])
+        return files, files is not None and len(files) > 1
 
     def v2_infer(self, body: bytes, environ: dict[str, Any], started: float) -> Answer | None:
         """v2 inference to the served model (tensors or encoded images, JSON or binary): the ``infer``

@@ -38,6 +38,7 @@ from fashion.images import MEDIA_TYPES, ImageError, decode_images
 from service.multipart import file_parts
 
 if TYPE_CHECKING:
+    from fashion.trust import Verdicts
     from service.model import ModelRunner
 
 
@@ -306,3 +307,17 @@ def prediction_json(probabilities: list[float], top_k: int, tail: str = "", verd
         )
         text += f',"top_k":[{ranked}]'
     return f"{text}{tail}}}", class_id
+
+
+def predictions_json(verdicts: Verdicts, top_k: int, batch: bool, identity_json: str) -> tuple[str, str | list[str]]:
+    """A batch's verdicts -> (POST /predict's JSON answer, the label or labels for the access line):
+    ``{"predictions": [...], "model": ...}`` for a batch of form fields, else one answer object with
+    ``model`` as its last member."""
+    rows = verdicts.probabilities.tolist()
+    trust = list(map(verdict_json, verdicts.calibrated, verdicts.reasons))
+    if batch:
+        answers = [prediction_json(row, top_k, verdict=verdict) for row, verdict in zip(rows, trust, strict=True)]
+        texts = ",".join(text for text, _ in answers)
+        return f'{{"predictions":[{texts}],"model":{identity_json}}}', [CLASS_NAMES[i] for _, i in answers]
+    text, class_id = prediction_json(rows[0], top_k, f',"model":{identity_json}', trust[0])
+    return text, CLASS_NAMES[class_id]

@@ -47,6 +47,22 @@ def served_and_flask(model_dir, **env):
     return app, Client(app), Client(counting.flask), counting
 
 
+BOUNDARY = "fastpathboundary"
+
+
+def form(*files: bytes, field: str = "image", preamble: bytes = b"") -> dict:
+    """A multipart/form-data request of ``files`` in the plain shape curl and requests send."""
+    parts = [
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="{i}.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + data
+        + b"\r\n"
+        for i, data in enumerate(files)
+    ]
+    body = preamble + b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+    return {"data": body, "content_type": f"multipart/form-data; boundary={BOUNDARY}"}
+
+
 def answer(client, request_id, **request):
     response = client.open(headers={"X-Request-ID": request_id, **request.pop("headers", {})}, **request)
     return response.status, sorted(response.headers.items()), response.get_data()
@@ -81,19 +97,32 @@ def test_plain_crops_are_answered_in_front_of_flask_with_flasks_bytes(bundled_mo
         assert fast == answer(flask_only, f"req-{index}", **request)
         assert fast[0] == "200 OK"
         answers.append(json.loads(fast[2]))
+    for index, files in enumerate([bodies[:3], bodies[3:4], bodies[4:40]]):  # a form of one is not a batch
+        request = {"path": "/predict", "method": "POST", "query_string": "top_k=2" * (index == 0), **form(*files)}
+        fast = answer(served, f"form-{index}", **request)
+        assert counting.calls == 0, "a form of plain crops reached Flask"
+        assert fast == answer(flask_only, f"form-{index}", **request)
+        assert fast[0] == "200 OK"
+        answers.append(json.loads(fast[2]))
+    assert [len(a["predictions"]) for a in answers[-3::2]] == [3, 36] and "predictions" not in answers[-2]
+    assert answers[-3]["predictions"][0]["top_k"][0]["label"] == answers[0]["label"]
+    answers = answers[: len(bodies)]
     assert answers[-1]["uncertain"] and answers[-1]["reason"] == "not_a_garment"
     assert [len(a.get("top_k", [])) for a in answers[:8]] == [0, 3, 0, 0, 0, 10, 0, 2]
     assert len({a["label"] for a in answers}) > 5
 
     lines = [json.loads(line) for line in capfd.readouterr().err.splitlines() if '"service.access"' in line]
-    assert len(lines) == 2 * len(bodies)
+    assert len(lines) == 2 * (len(bodies) + 3) and len(lines[-1]["label"]) == 36
     for line in lines:
         assert line.pop("ts") > 0 and line.pop("latency_ms") >= 0
     assert lines[0::2] == lines[1::2] and lines[0]["request_id"] == "req-0" and lines[0]["label"] == answers[0]["label"]
     assert metric_samples(app) == metric_samples(flask_app)
-    assert metric_samples(app)[
-        ("fashion_http_requests_total", (("endpoint", "/predict"), ("method", "POST"), ("status", "200")))
-    ] == len(bodies)
+    assert (
+        metric_samples(app)[
+            ("fashion_http_requests_total", (("endpoint", "/predict"), ("method", "POST"), ("status", "200")))
+        ]
+        == len(bodies) + 3
+    )
 
 
 def metric_samples(app) -> Counter:
@@ -125,10 +154,15 @@ def metric_samples(app) -> Counter:
         pytest.param({"data": "jpeg"}, id="JPEG"),
         pytest.param({"data": "large"}, id="over MAX_UPLOAD_BYTES"),
         pytest.param({"headers": {"Transfer-Encoding": "chunked"}}, id="chunked"),
+        pytest.param({"data": "form without an image field"}, id="form without an image field"),
+        pytest.param({"data": "form over MAX_BATCH"}, id="form over MAX_BATCH"),
+        pytest.param({"data": "form with a preamble"}, id="form werkzeug parses"),
+        pytest.param({"data": "form with a JPEG"}, id="form with a JPEG"),
+        pytest.param({"data": "form of another type"}, id="multipart/form-data-x"),
     ],
 )
 def test_other_requests_reach_flask_and_get_its_answer(request_, bundled_model_dir, test_set):
-    _, served, flask_only, counting = served_and_flask(bundled_model_dir, MAX_UPLOAD_BYTES="2048")
+    _, served, flask_only, counting = served_and_flask(bundled_model_dir, MAX_UPLOAD_BYTES="4096", MAX_BATCH="2")
     crop = png(test_set.data.numpy()[0])
     bodies = {
         None: b"",
@@ -137,8 +171,18 @@ def test_other_requests_reach_flask_and_get_its_answer(request_, bundled_model_d
         "jpeg": encode(Image.fromarray(test_set.data.numpy()[0]), "JPEG"),
         "large": crop + b"\0" * 4096,
     }
+    jpeg = encode(Image.fromarray(test_set.data.numpy()[0]), "JPEG")
+    forms = {
+        "form without an image field": form(crop, field="file"),
+        "form over MAX_BATCH": form(crop, crop, crop),
+        "form with a preamble": form(crop, crop, preamble=b"a preamble\r\n"),
+        "form with a JPEG": form(crop, jpeg),
+        "form of another type": {**form(crop), "content_type": f"multipart/form-data-x; boundary={BOUNDARY}"},
+    }
     request = {"path": "/predict", "method": "POST", "data": crop, "content_type": "image/png", **request_}
-    if not isinstance(request["data"], bytes):
+    if request["data"] in forms:
+        request.update(forms[request["data"]])
+    elif not isinstance(request["data"], bytes):
         request["data"] = bodies[request["data"]]
     fast = answer(served, "same", **request)
     assert counting.calls == 1
