@@ -134,10 +134,8 @@ class FastPath:
 
     def budget(self, started: float) -> Budget:
         """The request's MAX_REQUEST_PIXELS and deadline, as ``request_budget`` keeps them for Flask."""
-        settings = self.settings
-        return settings.max_request_pixels, time.monotonic() + settings.request_deadline - (
-            time.perf_counter() - started
-        )
+        settings, spent = self.settings, time.perf_counter() - started
+        return settings.max_request_pixels, time.monotonic() + settings.request_deadline - spent
 
     def ready_model(self) -> LoadedModel | None:
         """The model to answer with (a newer one if it just landed); None while there is none (Flask says why)."""
@@ -182,6 +180,8 @@ class FastPath:
         if model is None:
             return None
         name, path = model.card.get("name"), environ["PATH_INFO"]
+        if not name:  # no name to match the URL against: Flask's route decides
+            return None
         if path == f"/v2/models/{name}/infer":
             endpoint = V2_INFER_RULE
         elif path == f"/v2/models/{name}/versions/{model.version}/infer":
