@@ -34,7 +34,6 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
@@ -43,13 +42,13 @@ from fashion.contract import ModelConfig, build_model
 from training.data import FastFashionMNIST, TensorBatchDataset, ensure_fashion_mnist
 from training.dropout import BitsDropout, use_bits_dropout
 from training.train import (
-    BLACK,
     RECIPES,
     TrainConfig,
     WeightAverage,
     fast_bf16,
     make_optimizer,
     optimizer_step,
+    random_shift,
     resolve_device,
     shift_by_gather,
     shift_by_windows,
@@ -185,16 +184,14 @@ def step_costs(root: Path, bf16: bool, rounds: int = 60) -> None:
 
         return run
 
-    # The recipe's shift of a batch, both ways random_shift can take (the same images), as the training
-    # loop meets it: a fresh random batch of the data, padded, then shifted.
-    side, generator = 2 * recipe.shift + 1, torch.Generator().manual_seed(0)
+    # The recipe's shift of a batch, both ways random_shift can crop (the same images), as the training
+    # loop meets it: a fresh random batch of the data, then random_shift itself.
+    generator = torch.Generator().manual_seed(0)
 
-    def shifted_batch(shift):
+    def shifted_batch(crop):
         def run() -> None:
             batch = data.inputs[torch.randint(0, len(data.inputs), (recipe.batch_size,), generator=generator)]
-            padded = F.pad(batch, (recipe.shift,) * 4, value=BLACK)
-            dy, dx = torch.randint(0, side, (2, recipe.batch_size), generator=generator)
-            shift(padded, dy, dx, batch.shape[-2:])
+            random_shift(batch, recipe.shift, generator, crop)
 
         return run
 

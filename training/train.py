@@ -13,6 +13,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -310,15 +311,20 @@ def train_mode(model: nn.Module, frozen: bool) -> None:
                 module.eval()
 
 
-def random_shift(inputs: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Translate each image by up to ``shift`` pixels each way, filling with the background value."""
+def random_shift(
+    inputs: torch.Tensor, shift: int, generator: torch.Generator, crop: Callable | None = None
+) -> torch.Tensor:
+    """Translate each image by up to ``shift`` pixels each way, filling with the background value.
+
+    ``crop`` (``shift_by_windows`` or ``shift_by_gather``, the same images) defaults to the faster
+    one on the inputs' device; the step benchmark passes each in turn."""
     padded = F.pad(inputs, (shift, shift, shift, shift), value=BLACK)
     side = 2 * shift + 1
-    dy = torch.randint(0, side, (len(inputs),), generator=generator)
-    dx = torch.randint(0, side, (len(inputs),), generator=generator)
-    if inputs.device.type == "cpu":
-        return shift_by_windows(padded, dy, dx, inputs.shape[-2:])
-    return shift_by_gather(padded, dy.to(inputs.device), dx.to(inputs.device), inputs.shape[-2:])
+    dy = torch.randint(0, side, (len(inputs),), generator=generator).to(inputs.device)
+    dx = torch.randint(0, side, (len(inputs),), generator=generator).to(inputs.device)
+    if crop is None:
+        crop = shift_by_windows if inputs.device.type == "cpu" else shift_by_gather
+    return crop(padded, dy, dx, inputs.shape[-2:])
 
 
 def shift_by_windows(padded: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, size: torch.Size) -> torch.Tensor:
