@@ -2,7 +2,8 @@
 
 A prediction request runs as small steps: ``read_images`` (HTTP body -> image bytes),
 ``to_inputs`` (bytes -> decoded, preprocessed, normalized batch), the model runner's
-``predict`` and ``prediction_json`` (probabilities -> JSON text). Every refusal is a
+``predict`` and ``predictions_json`` (verdicts -> JSON text); ``service.fast_path`` runs the
+same steps in front of Flask. Every refusal is a
 ``ServiceError`` or a werkzeug ``HTTPException``, rendered as
 ``{"error": {"status", "code", "message"}}``.
 
@@ -145,6 +146,7 @@ _INERT_PNG_CHUNKS = frozenset({b"IDAT", b"IEND", b"pHYs", b"gAMA", b"sRGB", b"cH
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # IHDR of a crop: 28x28, bit depth 8, colour type 0 (grayscale), deflate, standard filters, not interlaced.
 _CROP_IHDR = b"\x00\x00\x00\x0dIHDR" + struct.pack(">IIBBBBB", INPUT_WIDTH, INPUT_HEIGHT, 8, 0, 0, 0, 0)
+_CROP_PREFIX = _PNG_SIGNATURE + _CROP_IHDR  # a plain crop's first 29 bytes
 
 
 def decode_crop(data: bytes) -> Image.Image | None:
@@ -157,7 +159,7 @@ def decode_crop(data: bytes) -> Image.Image | None:
     decoding for an image this small. Every chunk's CRC is checked; anything unexpected
     (another chunk, a short or broken stream) returns None and the general path decides.
     """
-    if not data.startswith(_PNG_SIGNATURE) or data[8:29] != _CROP_IHDR:
+    if not data.startswith(_CROP_PREFIX):
         return None
     if zlib.crc32(data[12:29]) != int.from_bytes(data[29:33], "big"):
         return None
@@ -233,7 +235,7 @@ def plain_crop_inputs(
 ) -> torch.Tensor | None:
     """``to_inputs`` for images that are all plain crops (``decode_crop``), within the same budget;
     None when one is not, or when a budget would refuse: then the general path decides (and says why)."""
-    if not all(blob[:29] == _PNG_SIGNATURE + _CROP_IHDR for blob in blobs):
+    if not all(blob.startswith(_CROP_PREFIX) for blob in blobs):
         return None
     if max_request_pixels is not None and len(blobs) * INPUT_WIDTH * INPUT_HEIGHT > max_request_pixels:
         return None
