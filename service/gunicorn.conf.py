@@ -66,11 +66,16 @@ from service.multiprocess import child_exit, on_exit, prepare_directory  # noqa:
 _metrics_dir = prepare_directory()
 
 import service.app  # noqa: E402, F401  (imported in the master only to share its pages with the workers)
+from service.connections import post_request  # noqa: E402, F401  (the hook; see worker_class below)
 from service.logs import ServiceGunicornLogger, logging_config  # noqa: E402
 
 bind = [f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else f"{_settings.host}:{_settings.port}"]
 workers = _settings.workers
 worker_class = "sync"
+# A sync worker closes each connection after its answer. post_request (service/connections.py) lets
+# it close at once when nothing the client sent is left unread, instead of waiting up to 2 s for the
+# client to close first, during which the worker takes no other request.
+
 # Inference is CPU-bound and answers in milliseconds: a worker silent this long is stuck.
 timeout = _settings.timeout
 # SIGTERM: stop accepting, let in-flight requests finish for up to this long, then exit.

@@ -1,0 +1,60 @@
+"""Ending a connection as soon as its answer is sent, when nothing the client sent is left unread.
+
+gunicorn's sync worker answers one request per connection and then closes it carefully (RFC 9112
+section 9.6, ``gunicorn.util.close_graceful``): it sends its FIN, then keeps reading until the
+client closes too, for up to 2 s. Bytes the client is still sending would otherwise reach a
+closed socket, and the kernel's reset could destroy the answer before the client reads it. The
+worker takes no other request meanwhile. A client that sent exactly its request has nothing more
+to send, though, and waiting for its FIN holds the worker for a round trip through the client
+(under load, until the client's process is scheduled again), or for the full 2 s when the client
+keeps the connection open.
+
+So after each answer ``post_request`` (gunicorn's hook of that name) checks what nginx checks
+before its own lingering close: the request's body was read to its end, gunicorn holds no bytes
+read past the request, and the kernel has none waiting. Then the socket's read side is shut,
+which ends gunicorn's drain at once; in every other case gunicorn lingers as before.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from typing import Any
+
+from gunicorn.http.body import EOFReader, LengthReader
+
+
+def post_request(worker: Any, req: Any, environ: dict, resp: Any) -> None:
+    """gunicorn's post_request hook: let the close that follows skip its wait when there is nothing to wait for."""
+    try:
+        if nothing_left_to_read(req, resp):
+            req.unreader.sock.shutdown(socket.SHUT_RD)
+    except OSError:  # the client is gone already; gunicorn's close deals with that
+        pass
+
+
+def nothing_left_to_read(req: Any, resp: Any) -> bool:
+    """Whether the connection ends with this complete answer and all the client sent has been read."""
+    if resp is None or not resp.headers_sent or not resp.should_close():
+        return False  # no answer yet (gunicorn writes its error page next), or a connection kept alive
+    if resp.response_length is not None and resp.sent < resp.response_length:
+        return False
+    body = getattr(req, "body", None)
+    if body is None or body.failed:
+        return False
+    if isinstance(body.reader, LengthReader):
+        if body.reader.length:
+            return False  # a body not read to its end (e.g. refused by its Content-Length): more may come
+    elif not isinstance(body.reader, EOFReader):
+        return False  # a chunked body: its end is not known here
+    unreader = req.unreader
+    sock = getattr(unreader, "sock", None)
+    if not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket):
+        return False
+    if unreader.buf.getvalue():
+        return False  # bytes past the request (a pipelined one) were read with it
+    try:
+        waiting = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True
+    return not waiting  # b"": the client has closed its side already
