@@ -211,3 +211,59 @@ def hold_connections(host: str, port: int, count: int, seconds: float = 5.0) -> 
         for sock in sockets:
             sock.close()
     return tally
+
+
+def next_client_beside_held_connections(
+    host: str, port: int, holders: int, rounds: int = 5, timeout: float = 10.0
+) -> list[float]:
+    """``holders`` clients each post a small PNG, read the whole answer and keep the connection open;
+    then another client posts one. Its seconds to the answer, per round (the holders close in between).
+
+    A sync worker that waits for each client to close after its answer is held by every such client."""
+    request = raw_post("/predict", small_png())
+    waits = []
+    for _ in range(rounds):
+        held = [socket.create_connection((host, port), timeout=timeout) for _ in range(holders)]
+        try:
+            for sock in held:
+                sock.sendall(request)
+                read_answer(sock)
+            started = time.monotonic()
+            with socket.create_connection((host, port), timeout=timeout) as sock:
+                sock.sendall(request)
+                read_answer(sock)
+            waits.append(round(time.monotonic() - started, 4))
+        finally:
+            for sock in held:
+                sock.close()
+        time.sleep(0.1)
+    return waits
+
+
+def raw_post(path: str, body: bytes, content_type: str = "image/png", length: int | None = None) -> bytes:
+    """An HTTP/1.1 POST of ``body`` as bytes to send on a socket; ``length``: another Content-Length to declare."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body) if length is None else length}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """One answer's head and its Content-Length body from ``sock``, without waiting for the connection to end."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed without a complete answer head")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")[1:] if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed before the answer's body was complete")
+        body += chunk
+    return head + b"\r\n\r\n" + body

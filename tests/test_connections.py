@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from testing.attacks import raw_post
+
 PNG_PATH = "examples/ankle-boot.png"
 # Long enough for a reset to come back over loopback; far shorter than gunicorn's 2 s linger.
 SETTLE_S = 0.3
@@ -32,14 +34,6 @@ def _exchange(port: int, request: bytes) -> tuple[bytes, int]:
         return b"".join(chunks), sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
 
 
-def _post(path: str, body: bytes, content_type: str = "image/png", length: int | None = None) -> bytes:
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
-        f"Content-Length: {len(body) if length is None else length}\r\n\r\n"
-    )
-    return head.encode() + body
-
-
 @pytest.fixture
 def server(start_gunicorn, bundled_model_dir):
     return start_gunicorn(bundled_model_dir, env={"MAX_UPLOAD_BYTES": "65536"}, workers=1)
@@ -48,8 +42,8 @@ def server(start_gunicorn, bundled_model_dir):
 @pytest.mark.parametrize(
     "request_of",
     [
-        pytest.param(lambda png: _post("/predict", png), id="predict-fast-path"),
-        pytest.param(lambda png: _post("/predict?top_k=%33", png), id="predict-through-flask"),
+        pytest.param(lambda png: raw_post("/predict", png), id="predict-fast-path"),
+        pytest.param(lambda png: raw_post("/predict?top_k=%33", png), id="predict-through-flask"),
         pytest.param(lambda png: b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", id="get-without-body"),
     ],
 )
@@ -67,14 +61,14 @@ def test_bytes_past_the_request_keep_the_careful_close(server):
     with open(PNG_PATH, "rb") as handle:
         png = handle.read()
     pipelined = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-    answer, error = _exchange(server.port, _post("/predict", png) + pipelined)
+    answer, error = _exchange(server.port, raw_post("/predict", png) + pipelined)
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
     assert error == 0  # the worker drained the late bytes: no reset could cut the answer short
 
 
 def test_a_body_refused_before_it_was_read_keeps_the_careful_close(server):
     # Over MAX_UPLOAD_BYTES: answered 413 from the Content-Length, with most of the body unsent.
-    answer, error = _exchange(server.port, _post("/predict", b"\0" * 4096, length=1_000_000))
+    answer, error = _exchange(server.port, raw_post("/predict", b"\0" * 4096, length=1_000_000))
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
     assert b'"payload_too_large"' in answer
     assert error == 0
