@@ -15,8 +15,9 @@ import time
 import pytest
 
 from testing.attacks import raw_post
+from testing.server import PROJECT_ROOT
 
-PNG_PATH = "examples/ankle-boot.png"
+PNG_PATH = PROJECT_ROOT / "examples" / "ankle-boot.png"
 # Long enough for a reset to come back over loopback; far shorter than gunicorn's 2 s linger.
 SETTLE_S = 0.3
 
@@ -49,8 +50,7 @@ def server(start_gunicorn, bundled_model_dir):
 )
 def test_a_client_that_sent_only_its_request_is_let_go_at_once(server, request_of):
     """Answered by the fast path, through Flask after reading the body, and without a body."""
-    with open(PNG_PATH, "rb") as handle:
-        png = handle.read()
+    png = PNG_PATH.read_bytes()
     answer, error = _exchange(server.port, request_of(png))
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
     # The worker closed its socket right after the answer instead of reading on: a reset.
@@ -58,8 +58,7 @@ def test_a_client_that_sent_only_its_request_is_let_go_at_once(server, request_o
 
 
 def test_bytes_past_the_request_keep_the_careful_close(server):
-    with open(PNG_PATH, "rb") as handle:
-        png = handle.read()
+    png = PNG_PATH.read_bytes()
     pipelined = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     answer, error = _exchange(server.port, raw_post("/predict", png) + pipelined)
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
