@@ -3,12 +3,14 @@
 Starts the service (``service:create_app()``, its defaults: JSON access log and metrics on) and,
 with the same gunicorn config and worker count, a Flask app answering a constant JSON
 (benchmarks/ceiling_app.py): the most this gunicorn/Flask stack can do on this machine; and
-the 20-line Flask handler anyone would write first (benchmarks/naive_app.py). All three are
-driven by wrk, interleaved, with real Fashion-MNIST test images as PNG bodies, and the script
-prints:
+the 20-line Flask handler anyone would write first (benchmarks/naive_app.py). The same two apps
+run a second time on gunicorn's own defaults (``gunicorn -w 2 APP``, no config file: rows
+``ceiling*`` and ``naive*``), as a user would start them. All are driven by wrk, interleaved,
+with real Fashion-MNIST test images as PNG bodies, and the script prints:
 
 - single-image requests/s and p50/p99 latency at 8 and 32 connections, the ratio to the
-  ceiling and to the naive handler, each a median of per-round ratios from the same run;
+  ceiling and to the naive handler (on the service's config, and on gunicorn's defaults), each a
+  median of per-round ratios from the same run;
 - images/s for multipart batches of 64;
 - start to first correct answer (gunicorn started -> a POST /predict answered right), median;
 - memory of the whole server (master + workers) as PSS after the load.
@@ -113,6 +115,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_false",
         help="skip the 'floor' row: the service serving a 784-32-10 MLP with random weights and no detector, "
         "i.e. everything a request costs but the shipped model's arithmetic",
+    )
+    parser.add_argument(
+        "--no-plain",
+        dest="plain",
+        action="store_false",
+        help="skip the ceiling* and naive* rows: the two apps on gunicorn's own defaults",
     )
     parser.add_argument(
         "--root",
@@ -281,6 +289,11 @@ def main(args: argparse.Namespace) -> dict:
         if args.floor:
             tiny = random_model_dir(work / "floor-model", hidden_sizes=(32,))
             servers["floor"] = start_server(tiny, env=TOY_MODEL_ENV, workers=args.workers, log_dir=work)
+        if args.plain:
+            for name, app, model_dir in (("ceiling*", CEILING_APP, None), ("naive*", NAIVE_APP, args.model_dir)):
+                servers[name] = start_server(
+                    model_dir, workers=args.workers, app=app, log_dir=work, project_config=False
+                )
         for handle in servers.values():
             warm_up(handle, pixels)
         single: dict = {}
@@ -291,10 +304,16 @@ def main(args: argparse.Namespace) -> dict:
                     runs[name].append(run_wrk(handle, script, singles, "image/png", connections, args))
             single[connections] = {name: medians(rs) for name, rs in runs.items()}
             # Ratio per interleaved round, then the median: load from other processes hits all alike.
-            for name, base in (("ratio", "ceiling"), ("vs_naive", "naive")):
-                ratios = [s["rps"] / b["rps"] for s, b in zip(runs["service"], runs[base], strict=True)]
-                single[connections][name] = statistics.median(ratios)
-            for name in ("naive", "floor"):
+            for name, base in (
+                ("ratio", "ceiling"),
+                ("vs_naive", "naive"),
+                ("ratio*", "ceiling*"),
+                ("vs_naive*", "naive*"),
+            ):
+                if base in runs:
+                    ratios = [s["rps"] / b["rps"] for s, b in zip(runs["service"], runs[base], strict=True)]
+                    single[connections][name] = statistics.median(ratios)
+            for name in ("naive", "floor", "ceiling*", "naive*"):
                 if name in runs:
                     ratios = [n["rps"] / c["rps"] for n, c in zip(runs[name], runs["ceiling"], strict=True)]
                     single[connections][f"{name}_ratio"] = statistics.median(ratios)
@@ -327,19 +346,27 @@ def main(args: argparse.Namespace) -> dict:
 
 def report(results: dict) -> None:
     print(f"\nserving benchmark: {results['workers']} workers, wrk {results['duration_s']} s x {results['repeats']}")
+    print("(ceiling* and naive*: the same apps on gunicorn's own defaults, without the project's config)")
     print(
-        f"{'connections':>11} | {'server':>7} | {'req/s':>7} | {'vs ceiling':>10} | {'p50 ms':>6} | {'p99 ms':>6} | "
+        f"{'connections':>11} | {'server':>8} | {'req/s':>7} | {'vs ceiling':>10} | {'p50 ms':>6} | {'p99 ms':>6} | "
         "worker CPU us/req | failed"
     )
     for connections, row in results["single"].items():
-        ratios = {"ceiling": 1.0, "naive": row["naive_ratio"], "service": row["ratio"], "floor": row.get("floor_ratio")}
-        for name in [name for name in ("ceiling", "naive", "service", "floor") if name in row]:
+        ratios = {"ceiling": 1.0, "service": row["ratio"]}
+        for name in ("naive", "floor", "ceiling*", "naive*"):
+            ratios[name] = row.get(f"{name}_ratio")
+        for name in [name for name in ("ceiling", "naive", "service", "floor", "ceiling*", "naive*") if name in row]:
             r = row[name]
             print(
-                f"{connections:>11} | {name:>7} | {r['rps']:>7,.0f} | {ratios[name]:>10.2f} | {r['p50_ms']:>6.2f} | "
+                f"{connections:>11} | {name:>8} | {r['rps']:>7,.0f} | {ratios[name]:>10.2f} | {r['p50_ms']:>6.2f} | "
                 f"{r['p99_ms']:>6.2f} | {r['cpu_us_per_request']:>17.0f} | {r['failed']}"
             )
         print(f"{'':>11} | service / naive: {row['vs_naive']:.2f}x")
+        if "ratio*" in row:
+            print(
+                f"{'':>11} | on gunicorn's defaults: service / ceiling* {row['ratio*']:.2f}, "
+                f"service / naive* {row['vs_naive*']:.2f}x"
+            )
     b = results["batch"]
     print(
         f"batches of {b['batch_size']} at {b['connections']} connections: {b['images_per_s']:,.0f} images/s "

@@ -41,6 +41,12 @@ def gunicorn_command(app: str = DEFAULT_APP, root: Path = PROJECT_ROOT) -> list[
     return [sys.executable, "-m", "gunicorn", "-c", str(root / GUNICORN_CONF.relative_to(PROJECT_ROOT)), app]
 
 
+def plain_gunicorn_command(app: str, port: int, workers: int) -> list[str]:
+    """gunicorn on its own defaults, without this project's config: ``gunicorn -w N -b 127.0.0.1:PORT APP``
+    (and no control socket, whose one path per user two such servers would share; it is not on a request's path)."""
+    return [sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"127.0.0.1:{port}", "--no-control-socket", app]
+
+
 def server_env(model_dir: str | os.PathLike | None, port: int, workers: int, env: dict | None = None) -> dict:
     """The environment for a server on 127.0.0.1:port; ``env`` entries win, None values are removed."""
     merged = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "WORKERS": str(workers)}
@@ -123,20 +129,24 @@ def start_server(
     timeout: float = 60.0,
     log_dir: str | os.PathLike | None = None,
     root: str | os.PathLike = PROJECT_ROOT,
+    project_config: bool = True,
 ) -> ServerHandle:
     """Start gunicorn on a free 127.0.0.1 port and wait until ``wait`` answers (any HTTP status).
 
     Raises RuntimeError with the server's log if it exits or does not answer in ``timeout``.
     ``wait=None`` returns at once (for tests of start-up failures and start-up time). ``root``: another
     checkout of the project whose service to serve (benchmarks compare commits this way).
+    ``project_config=False``: gunicorn on its own defaults instead of service/gunicorn.conf.py (for the
+    benchmarks' baseline apps; the service itself needs its config).
     """
     for _attempt in range(3):  # another process may take the free port before gunicorn binds it
         port = free_port()
         log_path = Path(tempfile.mkstemp(prefix=f"gunicorn-{port}-", suffix=".log", dir=log_dir)[1])
         log_file = open(log_path, "wb")  # noqa: SIM115 (closed by ServerHandle.stop)
         started = time.monotonic()
+        command = gunicorn_command(app, Path(root)) if project_config else plain_gunicorn_command(app, port, workers)
         process = subprocess.Popen(
-            gunicorn_command(app, Path(root)),
+            command,
             cwd=root,
             env=server_env(model_dir, port, workers, env),
             stdout=log_file,
