@@ -35,9 +35,10 @@ from service.multipart import file_parts
 from service.v2 import HEADER_LENGTH, V2Error, parse_infer_request
 from service.v2_routes import infer_answer
 from service.web import (
+    IMAGE_FIELD,
     RAW_IMAGE_TYPES,
-    Budget,
     ServiceError,
+    budget_of,
     parse_options,
     plain_crop_inputs,
     predictions_json,
@@ -132,11 +133,6 @@ class FastPath:
             return self.v2_infer
         return None
 
-    def budget(self, started: float) -> Budget:
-        """The request's MAX_REQUEST_PIXELS and deadline, as ``request_budget`` keeps them for Flask."""
-        settings, spent = self.settings, time.perf_counter() - started
-        return settings.max_request_pixels, time.monotonic() + settings.request_deadline - spent
-
     def ready_model(self) -> LoadedModel | None:
         """The model to answer with (a newer one if it just landed); None while there is none (Flask says why)."""
         self.runner.maybe_reload()
@@ -152,7 +148,7 @@ class FastPath:
         blobs, batch = self.images(body, environ)
         if not blobs or len(blobs) > self.settings.max_batch:  # Flask says what is wrong
             return None
-        inputs = plain_crop_inputs(blobs, invert, *self.budget(started))
+        inputs = plain_crop_inputs(blobs, invert, *budget_of(self.settings, started))
         model = self.ready_model() if inputs is not None else None
         if model is None:
             return None
@@ -170,7 +166,7 @@ class FastPath:
             return None, False
         config = self.config
         boundary = params.get("boundary", "")
-        files = file_parts(body, boundary, "image", config["MAX_FORM_PARTS"], config["MAX_FORM_MEMORY_SIZE"])
+        files = file_parts(body, boundary, IMAGE_FIELD, config["MAX_FORM_PARTS"], config["MAX_FORM_MEMORY_SIZE"])
         return files, files is not None and len(files) > 1
 
     def v2_infer(self, body: bytes, environ: dict[str, Any], started: float) -> Answer | None:
@@ -188,9 +184,10 @@ class FastPath:
             endpoint = V2_INFER_VERSION_RULE
         else:
             return None
+        budget = budget_of(self.settings, started)
         try:
             infer_request = parse_infer_request(body, environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH"))
-            answer = infer_answer(self.runner, model, name, infer_request, self.settings, self.budget(started))
+            answer = infer_answer(self.runner, model, name, infer_request, self.settings, budget)
         except V2Error:
             return None
         if answer.header_length is None:

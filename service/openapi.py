@@ -24,7 +24,7 @@ from fashion.checkpoint import MODEL_NAME
 from fashion.contract import CLASS_NAMES, INPUT_HEIGHT, INPUT_SHAPE, INPUT_WIDTH, INVERT_MODES, MEAN, NUM_CLASSES, STD
 from fashion.trust import REASONS
 from service import v2
-from service.web import DOCUMENTED_IMAGE_TYPES, runner_of
+from service.web import DOCUMENTED_IMAGE_TYPES, IMAGE_FIELD, runner_of
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 SWAGGER_ASSETS = frozenset({"swagger-ui.css", "swagger-ui-bundle.js", "favicon-32x32.png", "favicon-16x16.png"})
@@ -490,8 +490,8 @@ def _service_paths() -> dict[str, Any]:
                         "multipart/form-data": {
                             "schema": {
                                 "type": "object",
-                                "required": ["image"],
-                                "properties": {"image": {"type": "array", "items": image_body, "minItems": 1}},
+                                "required": [IMAGE_FIELD],
+                                "properties": {IMAGE_FIELD: {"type": "array", "items": image_body, "minItems": 1}},
                             }
                         },
                     },

@@ -40,6 +40,7 @@ from service.multipart import file_parts
 
 if TYPE_CHECKING:
     from fashion.trust import Verdicts
+    from service.config import Settings
     from service.model import ModelRunner
 
 
@@ -113,6 +114,10 @@ def parse_options(args: Mapping[str, str]) -> tuple[int, str]:
     return top_k, invert
 
 
+# The form field of POST /predict's images (one field per image; several make a batch).
+IMAGE_FIELD = "image"
+
+
 def read_images(max_batch: int) -> tuple[list[bytes], bool]:
     """The request body -> (image bytes, whether the client sent a batch of form fields)."""
     mimetype = request.mimetype
@@ -120,9 +125,9 @@ def read_images(max_batch: int) -> tuple[list[bytes], bool]:
         # Kept after reading, so that werkzeug parses the same bytes when file_parts declines.
         body = request.get_data()
         boundary = request.mimetype_params.get("boundary", "")
-        files = file_parts(body, boundary, "image", request.max_form_parts, request.max_form_memory_size)
+        files = file_parts(body, boundary, IMAGE_FIELD, request.max_form_parts, request.max_form_memory_size)
         if files is None:
-            files = [file.read() for file in request.files.getlist("image")]
+            files = [file.read() for file in request.files.getlist(IMAGE_FIELD)]
         if not files:
             raise ServiceError(400, "missing_field", "the multipart form has no 'image' field")
         if len(files) > max_batch:
@@ -206,14 +211,19 @@ def crop_pixels(image: Image.Image, invert: str) -> bytes | None:
 Budget = tuple[int | None, float | None]
 
 
-def request_budget() -> Budget:
-    """(MAX_REQUEST_PIXELS, the request's deadline as a time.monotonic() value); no limits outside a request."""
-    if not has_request_context():
-        return None, None
-    settings = current_app.config["SETTINGS"]
-    started = getattr(request, "started", None)  # time.perf_counter() when the request began (service.app)
+def budget_of(settings: Settings, started: float | None) -> Budget:
+    """A request's budget: MAX_REQUEST_PIXELS, and REQUEST_DEADLINE counted from ``started`` (its
+    time.perf_counter() when it arrived; from now when None)."""
     spent = time.perf_counter() - started if started is not None else 0.0
     return settings.max_request_pixels, time.monotonic() + settings.request_deadline - spent
+
+
+def request_budget() -> Budget:
+    """The Flask request's budget (``budget_of``); no limits outside a request."""
+    if not has_request_context():
+        return None, None
+    # time.perf_counter() when the request began (service.app.ServiceRequest)
+    return budget_of(current_app.config["SETTINGS"], getattr(request, "started", None))
 
 
 def to_inputs(blobs: list[bytes], invert: str, max_pixels: int, budget: Budget | None = None) -> torch.Tensor:
