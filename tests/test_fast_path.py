@@ -20,6 +20,7 @@ from werkzeug.test import Client
 from service import create_app
 from service.app import ServiceRequest
 from service.fast_path import STARTED_KEY, FastPath
+from testing.attacks import BOUNDARY, multipart
 from testing.images import encode, png
 from testing.models import TOY_MODEL_ENV, random_model_dir
 
@@ -47,20 +48,11 @@ def served_and_flask(model_dir, **env):
     return app, Client(app), Client(counting.flask), counting
 
 
-BOUNDARY = "fastpathboundary"
-
-
 def form(*files: bytes, field: str = "image", preamble: bytes = b"") -> dict:
-    """A multipart/form-data request of ``files`` in the plain shape curl and requests send."""
-    parts = [
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="{i}.png"\r\n'
-        f"Content-Type: image/png\r\n\r\n".encode()
-        + data
-        + b"\r\n"
-        for i, data in enumerate(files)
-    ]
-    body = preamble + b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
-    return {"data": body, "content_type": f"multipart/form-data; boundary={BOUNDARY}"}
+    """A multipart/form-data request of ``files`` in the plain shape curl and requests send
+    (``testing.attacks.multipart``), with ``preamble`` before its first boundary."""
+    body, content_type = multipart(list(files), field)
+    return {"data": preamble + body, "content_type": content_type}
 
 
 def answer(client, request_id, **request):
