@@ -258,9 +258,12 @@ def read_answer(sock: socket.socket) -> bytes:
             raise ConnectionError("the server closed without a complete answer head")
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
+    lengths = [
         int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")[1:] if line.lower().startswith(b"content-length:")
-    )
+    ]
+    if len(lengths) != 1:
+        raise ConnectionError(f"the answer has {len(lengths)} Content-Length headers, not one: {head[:200]!r}")
+    (length,) = lengths
     while len(body) < length:
         chunk = sock.recv(65536)
         if not chunk:
