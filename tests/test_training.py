@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import training.train as train_module
 from fashion.bounds import parse_bounded
 from fashion.checkpoint import (
     CARD_FILE,
@@ -43,6 +45,7 @@ from training.data import (
     raw_folder,
 )
 from training.dropout import BitsDropout, use_bits_dropout
+from training.prefetch import prefetched
 from training.train import (
     CONFUSION_FILE,
     CURVES_FILE,
@@ -310,10 +313,16 @@ def test_choose_mode_times_each_candidate_and_leaves_the_run_untouched(train_set
     )
     assert torch.equal(torch.get_rng_state(), rng)  # the run's random stream is where it was
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    timed = record["median_step_ms"]
+    timed = record["median_batch_ms"]
     assert record["by"] == "timed training steps" and record["chosen"] in timed
     assert {name.split(",")[0] for name in timed} == {"fp32", "bf16"}
     assert timed[record["chosen"]] == min(timed.values())
+    # A batch costs its step and its preparation, which runs beside the step only with one thread.
+    for name, batch_ms in timed.items():
+        step_ms, preparation_ms = record["median_step_ms"][name], record["median_preparation_ms"][name]
+        beside = name.endswith(", 1 thread") and train_module.usable_cpus() >= 2
+        expected = max(step_ms, preparation_ms) if beside else step_ms + preparation_ms
+        assert batch_ms == pytest.approx(expected, abs=0.02)
     assert (bf16, threads) in ((False, 1), (True, 1), (False, torch.get_num_threads()), (True, torch.get_num_threads()))
     # --no-bf16 --threads 1 leave nothing to measure.
     pinned = choose_mode(
@@ -362,6 +371,47 @@ def test_same_seed_same_weights(train_set, test_set):
     first, again, other = trained(3), trained(3), trained(4)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_batches_prepared_on_a_second_thread_give_the_same_weights(train_set, test_set, monkeypatch):
+    def trained(cpus: int) -> tuple[dict, dict]:
+        monkeypatch.setattr(train_module, "usable_cpus", lambda: cpus)
+        torch.manual_seed(5)
+        model = build_model(ModelConfig(hidden_sizes=(32,)))
+        config = TrainConfig(epochs=2, batch_size=100, seed=5, bf16=False, threads=1, hflip=0.5, shift=1, ema=0.9)
+        train(model, subset(train_set, 1_000), test_set, config, torch.device("cpu"), log=lambda _: None)
+        return model.state_dict(), config.calibration
+
+    (serial, serial_record), (prefetched_, prefetched_record) = trained(1), trained(2)
+    assert serial_record["prefetch"] is False and prefetched_record["prefetch"] is True
+    assert all(torch.equal(serial[k], prefetched_[k]) for k in serial)
+
+
+def test_prefetched_keeps_order_raises_the_producers_error_and_stops_its_thread():
+    assert list(prefetched(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("bad batch")
+
+    seen = []
+    with pytest.raises(ValueError, match="bad batch"):
+        for item in prefetched(failing()):
+            seen.append(item)
+    assert seen == [1]
+
+    drawn = []
+
+    def endless():
+        for number in itertools.count():
+            drawn.append(number)
+            yield number
+
+    stream = prefetched(endless(), depth=2)
+    assert [next(stream) for _ in range(3)] == [0, 1, 2]
+    stream.close()  # what a ``break`` out of the loop does
+    assert not any(thread.name == "batch-prefetch" for thread in threading.enumerate())
+    assert len(drawn) <= 3 + 2 + 1  # taken, queued, and the one in hand when told to stop
 
 
 def test_save_load_round_trip_is_exact(tmp_path, test_set):

@@ -48,6 +48,7 @@ from training.data import (
     file_checksums,
 )
 from training.dropout import use_bits_dropout
+from training.prefetch import prefetched, usable_cpus
 from training.trust import fit_trust
 
 CURVES_FILE = "training-curves.png"
@@ -503,9 +504,12 @@ def choose_mode(
 
     A CPU flag says an instruction exists, not that oneDNN's kernels for it win at these shapes,
     so each candidate runs the same training steps (forward, loss, backward, AdamW) on one batch
-    of the real data, round-robin so background load hits all alike; the lowest median step
-    time wins. ``config.bf16``/``config.threads`` not None pin that choice. The random state is
-    saved and restored, so the calibration does not change the trained weights.
+    of the real data, and prepares a batch as the loop does (fetch and augment), round-robin so
+    background load hits all alike. A batch costs its step plus its preparation, except with one
+    thread on a CPU with a core to spare, where the loop prepares the next batches beside the
+    step (``prefetch_batches``): the longer of the two. The lowest median cost wins.
+    ``config.bf16``/``config.threads`` not None pin that choice. The random state is saved and
+    restored, so the calibration does not change the trained weights.
     """
     precisions = [config.bf16] if config.bf16 is not None else [False, *([True] if fast_bf16(device) else [])]
     if device.type == "cuda":
@@ -522,9 +526,12 @@ def choose_mode(
     started = time.perf_counter()
     size = min(config.batch_size, len(inputs))
     timings: dict[tuple, list[float]] = {mode: [] for mode in modes}
+    preparing: dict[tuple, list[float]] = {mode: [] for mode in modes}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         trial = copy.deepcopy(model).train()
         optimizer = make_optimizer(trial, config, device)
+        rows = torch.randperm(len(inputs), device=inputs.device)
+        augmenting = torch.Generator().manual_seed(0)
 
         def step(mode) -> float:
             bf16, threads = mode
@@ -534,7 +541,11 @@ def choose_mode(
             begun = time.perf_counter()
             optimizer_step(trial, optimizer, inputs[:size], targets[:size], config.label_smoothing, bf16)
             _synchronize(device)
-            return time.perf_counter() - begun
+            stepped = time.perf_counter()
+            augment(inputs[rows[:size]], config, augmenting)
+            _synchronize(device)
+            preparing[mode].append(time.perf_counter() - stepped)
+            return stepped - begun
 
         warm_up = sum(step(mode) for mode in modes)  # first calls pay for kernel selection; not counted
         if warm_up > budget_s / 3 and size > 16:
@@ -542,21 +553,42 @@ def choose_mode(
             size = max(16, int(size * budget_s / 6 / warm_up))
             for mode in modes:
                 step(mode)
+        for mode in modes:
+            preparing[mode].clear()
         for _ in range(5):
             for mode in modes:
                 timings[mode].append(step(mode))
             if time.perf_counter() - started > budget_s:
                 break
-    medians = {mode: statistics.median(times) for mode, times in timings.items()}
-    bf16, threads = min(medians, key=medians.get)
+    steps = {mode: statistics.median(times) for mode, times in timings.items()}
+    preparations = {mode: statistics.median(times) for mode, times in preparing.items()}
+    batches = {
+        mode: max(steps[mode], preparations[mode])
+        if prefetch_batches(device, mode[1])
+        else steps[mode] + preparations[mode]
+        for mode in modes
+    }
+    bf16, threads = min(batches, key=batches.get)
+
+    def in_ms(medians: dict) -> dict:
+        return {_mode_name(*mode): round(seconds * 1000, 2) for mode, seconds in medians.items()}
+
     record = {
         "chosen": _mode_name(bf16, threads),
         "by": "timed training steps",
         "images_per_step": size,
-        "median_step_ms": {_mode_name(*mode): round(seconds * 1000, 2) for mode, seconds in medians.items()},
+        "median_step_ms": in_ms(steps),
+        "median_preparation_ms": in_ms(preparations),
+        "median_batch_ms": in_ms(batches),
         "cost_s": round(time.perf_counter() - started, 3),
     }
     return bf16, threads, record
+
+
+def prefetch_batches(device: torch.device, threads: int | None) -> bool:
+    """Whether the loop prepares the next batches on a second thread: training on one CPU thread with
+    another CPU to spare (``training.prefetch``); with more threads the step's kernels use the cores."""
+    return device.type == "cpu" and threads == 1 and usable_cpus() >= 2
 
 
 def _progress(iterable, total: int, description: str):
@@ -595,7 +627,12 @@ def train(
     )
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    log(f"precision and threads: {config.calibration['chosen']} ({config.calibration['by']})")
+    prefetch = prefetch_batches(device, config.threads)
+    config.calibration["prefetch"] = prefetch
+    log(
+        f"precision and threads: {config.calibration['chosen']} ({config.calibration['by']})"
+        + ("; batches prepared on a second thread" if prefetch else "")
+    )
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(
         train_set, batch_size=config.batch_size, shuffle=True, generator=generator, collate_fn=collate_batch
@@ -609,9 +646,11 @@ def train(
     for epoch in range(1, config.epochs + 1):
         train_mode(model, config.freeze)
         seen, correct, loss_sum = 0, 0, 0.0
-        bar = _progress(loader, len(loader), f"epoch {epoch}/{config.epochs}")
+        batches = ((augment(inputs, config, generator), targets) for inputs, targets in loader)
+        if prefetch:
+            batches = prefetched(batches)
+        bar = _progress(batches, len(loader), f"epoch {epoch}/{config.epochs}")
         for inputs, targets in bar:
-            inputs = augment(inputs, config, generator)
             logits, loss = optimizer_step(model, optimizer, inputs, targets, config.label_smoothing, config.bf16)
             scheduler.step()
             if average is not None:
@@ -621,7 +660,7 @@ def train(
             seen += batch
             loss_sum = loss_sum + loss.detach() * batch
             correct = correct + (logits.argmax(dim=1) == targets.argmax(dim=1)).sum()
-            if bar is not loader and bar.n % 20 == 0:
+            if bar is not batches and bar.n % 20 == 0:
                 bar.set_postfix(loss=f"{(loss_sum / seen).item():.4f}", acc=f"{(correct / seen).item():.4f}")
         train_loss, train_acc = (loss_sum / seen).item(), (correct / seen).item()
         test_acc, test_loss, _ = evaluate(evaluated, test_set.inputs, test_labels)
