@@ -44,7 +44,7 @@ from training.data import (
     file_checksums,
     raw_folder,
 )
-from training.dropout import BitsDropout, use_bits_dropout
+from training.dropout import BitsDropout, dropout_widths, use_bits_dropout
 from training.prefetch import prefetched
 from training.train import (
     CONFUSION_FILE,
@@ -373,18 +373,59 @@ def test_same_seed_same_weights(train_set, test_set):
     assert not all(torch.equal(first[k], other[k]) for k in first)
 
 
-def test_batches_prepared_on_a_second_thread_give_the_same_weights(train_set, test_set, monkeypatch):
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_batches_prepared_on_a_second_thread_give_the_same_weights(train_set, test_set, monkeypatch, bf16):
+    if bf16 and not fast_bf16(torch.device("cpu")):
+        pytest.skip("this torch has no bf16 autocast on the CPU")
+    architecture = ModelConfig(hidden_sizes=(32, 16), dropout=0.2)  # two dropout layers, masks drawn ahead
+
     def trained(cpus: int) -> tuple[dict, dict]:
         monkeypatch.setattr(train_module, "usable_cpus", lambda: cpus)
         torch.manual_seed(5)
-        model = build_model(ModelConfig(hidden_sizes=(32,)))
-        config = TrainConfig(epochs=2, batch_size=100, seed=5, bf16=False, threads=1, hflip=0.5, shift=1, ema=0.9)
-        train(model, subset(train_set, 1_000), test_set, config, torch.device("cpu"), log=lambda _: None)
-        return model.state_dict(), config.calibration
+        model = build_model(architecture)
+        config = TrainConfig(
+            epochs=2, batch_size=96, seed=5, bf16=bf16, threads=1, hflip=0.5, shift=1, ema=0.9, dropout=0.2
+        )
+        # 1,000 images in batches of 96: the last batch is smaller, and its masks are drawn for its size.
+        history = train(model, subset(train_set, 1_000), test_set, config, torch.device("cpu"), log=lambda _: None)
+        assert not any(layer.ahead for layer in model.modules() if isinstance(layer, BitsDropout))
+        return model.state_dict(), config.calibration, [entry["test_accuracy"] for entry in history]
 
-    (serial, serial_record), (prefetched_, prefetched_record) = trained(1), trained(2)
-    assert serial_record["prefetch"] is False and prefetched_record["prefetch"] is True
-    assert all(torch.equal(serial[k], prefetched_[k]) for k in serial)
+    (serial, serial_record, serial_curve) = trained(1)
+    (ahead, ahead_record, ahead_curve) = trained(2)
+    assert serial_record["prefetch"] is False and ahead_record["prefetch"] is True
+    assert all(torch.equal(serial[k], ahead[k]) for k in serial)
+    assert serial_curve == ahead_curve  # evaluated on more threads between epochs, the same answers
+
+
+def test_dropout_masks_drawn_ahead_are_the_ones_the_forward_pass_would_draw():
+    inputs = torch.rand(40, 24) + 0.5
+    layer = BitsDropout(0.3).train()
+    torch.manual_seed(11)
+    inline = [layer(inputs), layer(inputs[:7])]
+    torch.manual_seed(11)
+    layer.draw_ahead((40, 24), torch.float32)
+    layer.draw_ahead((7, 24), torch.float32)
+    torch.manual_seed(99)  # the generator moves on: the queued masks are what counts
+    assert torch.equal(layer(inputs), inline[0]) and torch.equal(layer(inputs[:7]), inline[1])
+    assert not layer.ahead
+    layer.draw_ahead((40, 24), torch.bfloat16)
+    with pytest.raises(RuntimeError, match="drawn ahead"):
+        layer(inputs)  # float32 inputs for a bf16 mask: the stream would be off, so it says so
+    layer.eval().ahead.clear()
+    layer.draw_ahead((40, 24), torch.float32)
+    assert not layer.ahead  # nothing drawn for a layer that is the identity
+
+
+def test_dropout_widths_follow_the_linear_before_each_dropout():
+    mlp = use_bits_dropout(build_model(RECIPES["mlp"].model_config()))
+    cnn = use_bits_dropout(build_model(RECIPES["cnn"].model_config()))
+    assert [width for _, width in dropout_widths(mlp)] == list(RECIPES["mlp"].hidden_sizes)
+    assert [width for _, width in dropout_widths(cnn)] == list(RECIPES["cnn"].hidden_sizes)
+    after_a_convolution = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), BitsDropout(0.1))
+    assert dropout_widths(after_a_convolution) is None
+    nested = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Sequential(BitsDropout(0.1)))
+    assert dropout_widths(nested) is None
 
 
 def test_prefetched_keeps_order_raises_the_producers_error_and_stops_its_thread():

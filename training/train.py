@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import io
 import platform
@@ -13,7 +14,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,7 +48,7 @@ from training.data import (
     ensure_fashion_mnist,
     file_checksums,
 )
-from training.dropout import use_bits_dropout
+from training.dropout import dropout_widths, use_bits_dropout
 from training.prefetch import prefetched, usable_cpus
 from training.trust import fit_trust
 
@@ -629,6 +630,10 @@ def train(
         torch.set_num_threads(config.threads)
     prefetch = prefetch_batches(device, config.threads)
     config.calibration["prefetch"] = prefetch
+    # Batches prepared ahead carry their dropout masks, drawn there in the order the steps would draw them.
+    ahead = (dropout_widths(model) or []) if prefetch else []
+    for layer, _ in ahead:
+        layer.ahead.clear()  # none left over from a run an exception ended
     log(
         f"precision and threads: {config.calibration['chosen']} ({config.calibration['by']})"
         + ("; batches prepared on a second thread" if prefetch else "")
@@ -646,7 +651,7 @@ def train(
     for epoch in range(1, config.epochs + 1):
         train_mode(model, config.freeze)
         seen, correct, loss_sum = 0, 0, 0.0
-        batches = ((augment(inputs, config, generator), targets) for inputs, targets in loader)
+        batches = prepared_batches(loader, config, generator, ahead, prefetch)
         if prefetch:
             batches = prefetched(batches)
         bar = _progress(batches, len(loader), f"epoch {epoch}/{config.epochs}")
@@ -663,7 +668,9 @@ def train(
             if bar is not batches and bar.n % 20 == 0:
                 bar.set_postfix(loss=f"{(loss_sum / seen).item():.4f}", acc=f"{(correct / seen).item():.4f}")
         train_loss, train_acc = (loss_sum / seen).item(), (correct / seen).item()
-        test_acc, test_loss, _ = evaluate(evaluated, test_set.inputs, test_labels)
+        # The prefetching thread is idle between epochs: the evaluation may use its core too.
+        with threads_for(usable_cpus() if prefetch else None):
+            test_acc, test_loss, _ = evaluate(evaluated, test_set.inputs, test_labels)
         entry = {
             "epoch": epoch,
             "train_loss": round(train_loss, 6),
@@ -683,6 +690,35 @@ def train(
     if average is not None:
         model.load_state_dict(average.model.state_dict())
     return history
+
+
+@contextlib.contextmanager
+def threads_for(count: int | None) -> Iterator[None]:
+    """Run the block on ``count`` intra-op threads (None: as it is), then restore the count."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def prepared_batches(
+    loader: DataLoader, config: TrainConfig, generator: torch.Generator, ahead: list, prefetch: bool
+) -> Iterator:
+    """The loader's batches, augmented. For a prefetching thread (``prefetch``), more of a step's work
+    that needs no weights is done here, off the step's core: each batch's dropout masks are drawn
+    (``ahead``: (BitsDropout, width) pairs), and under bf16 the inputs are cast as autocast would
+    cast them (the same values; autocast then has nothing to do)."""
+    dtype = torch.bfloat16 if config.bf16 else torch.float32  # what the layers see under autocast, or not
+    for inputs, targets in loader:
+        inputs = augment(inputs, config, generator)
+        if prefetch:
+            for layer, width in ahead:
+                layer.draw_ahead((len(inputs), width), dtype)
+            inputs = inputs.to(dtype)
+        yield inputs, targets
 
 
 # --------------------------------------------------------------------------- outputs
