@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fashion.bounds import parse_bounded
 from fashion.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_PIXELS
+from fashion.machine import usable_cpus
 from fashion.policy import VERSION_PATTERN, ValidationPolicy
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -24,14 +25,6 @@ EXIT_CONFIG_ERROR = 2
 
 class ConfigError(ValueError):
     """An environment variable with a value the service cannot run with."""
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (respects taskset/cgroup cpusets, unlike os.cpu_count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _int(environ: Mapping[str, str], name: str, default: int, minimum: int, maximum: int | None = None) -> int:

@@ -12,20 +12,11 @@ serial loop: the same seed gives the same weights either way (tests/test_trainin
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Iterable, Iterator
 
 _DONE = object()
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (taskset and cgroup cpusets count; os.cpu_count does not see them)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def prefetched(batches: Iterable, depth: int = 2) -> Iterator:

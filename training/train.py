@@ -36,6 +36,7 @@ from fashion.checkpoint import (
 )
 from fashion.contract import ARCHITECTURES, CLASS_NAMES, NUM_CLASSES, ModelConfig, build_model, pixels_to_input
 from fashion.heldout import split as held_out_split
+from fashion.machine import usable_cpus
 from fashion.probe import probe_record
 from training.data import (
     DEBIAN_DIR,
@@ -49,7 +50,7 @@ from training.data import (
     file_checksums,
 )
 from training.dropout import dropout_widths, use_bits_dropout
-from training.prefetch import prefetched, usable_cpus
+from training.prefetch import prefetched
 from training.trust import fit_trust
 
 CURVES_FILE = "training-curves.png"
