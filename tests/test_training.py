@@ -304,7 +304,8 @@ def test_random_erase_blanks_one_rectangle_per_chosen_image():
 
 
 def test_choose_mode_times_each_candidate_and_leaves_the_run_untouched(train_set):
-    model = build_model(ModelConfig(hidden_sizes=(64,)))
+    # With dropout as train() runs it: a mode that prefetches draws the masks in its preparation.
+    model = use_bits_dropout(build_model(ModelConfig(hidden_sizes=(64,), dropout=0.2)))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     config = TrainConfig(batch_size=256)
@@ -313,6 +314,7 @@ def test_choose_mode_times_each_candidate_and_leaves_the_run_untouched(train_set
     )
     assert torch.equal(torch.get_rng_state(), rng)  # the run's random stream is where it was
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(layer.ahead for layer in model.modules() if isinstance(layer, BitsDropout))  # drawn on a copy
     timed = record["median_batch_ms"]
     assert record["by"] == "timed training steps" and record["chosen"] in timed
     assert {name.split(",")[0] for name in timed} == {"fp32", "bf16"}

@@ -506,10 +506,10 @@ def choose_mode(
 
     A CPU flag says an instruction exists, not that oneDNN's kernels for it win at these shapes,
     so each candidate runs the same training steps (forward, loss, backward, AdamW) on one batch
-    of the real data, and prepares a batch as the loop does (fetch and augment), round-robin so
-    background load hits all alike. A batch costs its step plus its preparation, except with one
+    of the real data, prepared as the loop prepares it in that mode (``prepare_batch``), round-robin
+    so background load hits all alike. A batch costs its step plus its preparation, except with one
     thread on a CPU with a core to spare, where the loop prepares the next batches beside the
-    step (``prefetch_batches``): the longer of the two. The lowest median cost wins.
+    step (``prefetch_batches``) and a batch costs the longer of the two. The lowest median cost wins.
     ``config.bf16``/``config.threads`` not None pin that choice. The random state is saved and
     restored, so the calibration does not change the trained weights.
     """
@@ -534,20 +534,23 @@ def choose_mode(
         optimizer = make_optimizer(trial, config, device)
         rows = torch.randperm(len(inputs), device=inputs.device)
         augmenting = torch.Generator().manual_seed(0)
+        ahead = dropout_widths(trial) or []
 
         def step(mode) -> float:
+            """Prepare a batch as the loop would in ``mode`` (timed into ``preparing``), then step on it."""
             bf16, threads = mode
             if threads is not None:
                 torch.set_num_threads(threads)
             _synchronize(device)
             begun = time.perf_counter()
-            optimizer_step(trial, optimizer, inputs[:size], targets[:size], config.label_smoothing, bf16)
+            chosen = rows[:size]
+            batch = prepare_batch(inputs[chosen], config, augmenting, bf16, ahead, prefetch_batches(device, threads))
             _synchronize(device)
-            stepped = time.perf_counter()
-            augment(inputs[rows[:size]], config, augmenting)
+            prepared = time.perf_counter()
+            preparing[mode].append(prepared - begun)
+            optimizer_step(trial, optimizer, batch, targets[chosen], config.label_smoothing, bf16)
             _synchronize(device)
-            preparing[mode].append(time.perf_counter() - stepped)
-            return stepped - begun
+            return time.perf_counter() - prepared
 
         warm_up = sum(step(mode) for mode in modes)  # first calls pay for kernel selection; not counted
         if warm_up > budget_s / 3 and size > 16:
@@ -705,21 +708,28 @@ def threads_for(count: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def prepare_batch(
+    inputs: torch.Tensor, config: TrainConfig, generator: torch.Generator, bf16: bool, ahead: list, prefetch: bool
+) -> torch.Tensor:
+    """A fetched batch, augmented. For a prefetching thread (``prefetch``), more of a step's work that
+    needs no weights is done here, off the step's core: the batch's dropout masks are drawn
+    (``ahead``: (BitsDropout, width) pairs), and under bf16 the inputs are cast as autocast would
+    cast them (the same values; autocast then has nothing to do)."""
+    inputs = augment(inputs, config, generator)
+    if prefetch:
+        dtype = torch.bfloat16 if bf16 else torch.float32  # what the layers see under autocast, or not
+        for layer, width in ahead:
+            layer.draw_ahead((len(inputs), width), dtype)
+        inputs = inputs.to(dtype)
+    return inputs
+
+
 def prepared_batches(
     loader: DataLoader, config: TrainConfig, generator: torch.Generator, ahead: list, prefetch: bool
 ) -> Iterator:
-    """The loader's batches, augmented. For a prefetching thread (``prefetch``), more of a step's work
-    that needs no weights is done here, off the step's core: each batch's dropout masks are drawn
-    (``ahead``: (BitsDropout, width) pairs), and under bf16 the inputs are cast as autocast would
-    cast them (the same values; autocast then has nothing to do)."""
-    dtype = torch.bfloat16 if config.bf16 else torch.float32  # what the layers see under autocast, or not
+    """The loader's batches, each through ``prepare_batch``."""
     for inputs, targets in loader:
-        inputs = augment(inputs, config, generator)
-        if prefetch:
-            for layer, width in ahead:
-                layer.draw_ahead((len(inputs), width), dtype)
-            inputs = inputs.to(dtype)
-        yield inputs, targets
+        yield prepare_batch(inputs, config, generator, config.bf16, ahead, prefetch), targets
 
 
 # --------------------------------------------------------------------------- outputs
