@@ -10,7 +10,8 @@
    thread, as the service runs it (service.model.LoadedModel.predict: an MLP through DirectMLP, any
    other model layer by layer, softmax, inference mode; no detector): what serving one image costs.
 4. With --steps (then exits): one training step of the default MLP recipe (forward, loss, backward,
-   AdamW, EMA on one real batch) without dropout, with ``nn.Dropout`` and with ``BitsDropout``,
+   AdamW, EMA on one real batch) without dropout, with ``nn.Dropout`` and with ``BitsDropout`` (also
+   as the step's core runs it when batches are prefetched: masks drawn and inputs cast beforehand),
    one dropout layer's forward and backward at the recipe's shapes, and the recipe's shift of a
    batch done both ways ``random_shift`` can do it: what the masks and the shift cost.
 
@@ -40,7 +41,7 @@ from torchvision import datasets, transforms
 
 from fashion.contract import ModelConfig, build_model
 from training.data import FastFashionMNIST, TensorBatchDataset, ensure_fashion_mnist
-from training.dropout import BitsDropout, use_bits_dropout
+from training.dropout import BitsDropout, dropout_widths, use_bits_dropout
 from training.train import (
     RECIPES,
     TrainConfig,
@@ -161,17 +162,25 @@ def step_costs(root: Path, bf16: bool, rounds: int = 60) -> None:
     data = FastFashionMNIST(root, train=True)
     inputs, targets = data.inputs[: recipe.batch_size], data.target_vectors[: recipe.batch_size]
 
-    def trainer(dropout: float, bits: bool):
+    def trainer(dropout: float, bits: bool, ahead: bool = False):
+        """A step of the recipe; with ``ahead``, as the step's core runs it when batches are prefetched:
+        the masks drawn and the inputs cast beforehand (``prepare``, not timed)."""
         model = build_model(replace(recipe, dropout=dropout).model_config()).train()
         if bits:
             use_bits_dropout(model)
         optimizer, average = make_optimizer(model, recipe, torch.device("cpu")), WeightAverage(model, recipe.ema)
+        layers, dtype = dropout_widths(model) or [], torch.bfloat16 if bf16 else torch.float32
+        batch = inputs.to(dtype) if ahead else inputs
+
+        def prepare() -> None:
+            for layer, width in layers:
+                layer.draw_ahead((len(batch), width), dtype)
 
         def step() -> None:
-            optimizer_step(model, optimizer, inputs, targets, recipe.label_smoothing, bf16)
+            optimizer_step(model, optimizer, batch, targets, recipe.label_smoothing, bf16)
             average.update()
 
-        return step
+        return step, prepare if ahead else None
 
     activations = torch.randn(
         recipe.batch_size, recipe.hidden_sizes[0], dtype=torch.bfloat16 if bf16 else torch.float32, requires_grad=True
@@ -182,7 +191,7 @@ def step_costs(root: Path, bf16: bool, rounds: int = 60) -> None:
             out = layer(activations)
             out.backward(torch.ones_like(out))
 
-        return run
+        return run, None
 
     # The recipe's shift of a batch, both ways random_shift can crop (the same images), as the training
     # loop meets it: a fresh random batch of the data, then random_shift itself.
@@ -193,14 +202,15 @@ def step_costs(root: Path, bf16: bool, rounds: int = 60) -> None:
             batch = data.inputs[torch.randint(0, len(data.inputs), (recipe.batch_size,), generator=generator)]
             random_shift(batch, recipe.shift, generator, crop)
 
-        return run
+        return run, None
 
     p = recipe.dropout
     step, layer, shifting = "forward, loss, backward, AdamW, EMA", "forward + backward", "index, pad and shift a batch"
-    cases = {  # name -> (what one call does, the call)
+    cases = {  # name -> (what one call does, (the call, what runs untimed before it or None))
         "step, no dropout": (step, trainer(0.0, False)),
         f"step, nn.Dropout({p})": (step, trainer(p, False)),
         f"step, BitsDropout({p})": (step, trainer(p, True)),
+        f"step, BitsDropout({p}) ahead": (step, trainer(p, True, ahead=True)),
         f"one nn.Dropout({p}) layer": (layer, layer_pass(nn.Dropout(p).train())),
         f"one BitsDropout({p}) layer": (layer, layer_pass(BitsDropout(p).train())),
         f"batch + shift {recipe.shift} px by gather": (shifting, shifted_batch(shift_by_gather)),
@@ -208,7 +218,9 @@ def step_costs(root: Path, bf16: bool, rounds: int = 60) -> None:
     }
     times: dict[str, list[float]] = {name: [] for name in cases}
     for round_ in range(rounds + 5):
-        for name, (_, run) in cases.items():
+        for name, (_, (run, prepare)) in cases.items():
+            if prepare is not None:
+                prepare()
             started = time.perf_counter()
             run()
             if round_ >= 5:  # the first calls pick kernels
