@@ -868,5 +868,5 @@ def test_the_step_cost_benchmark_runs_the_recipes_steps(data_root, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 8 and all(" ms (" in line for line in lines)
     assert any("BitsDropout" in line for line in lines) and any("nn.Dropout" in line for line in lines)
-    assert any("BitsDropout(0.1) ahead" in line for line in lines)
+    assert any(f"BitsDropout({RECIPES['mlp'].dropout}) ahead" in line for line in lines)
     assert any("by windows" in line for line in lines) and any("by gather" in line for line in lines)
