@@ -49,6 +49,7 @@ from training.train import (
     fast_bf16,
     make_optimizer,
     optimizer_step,
+    prepare_batch,
     random_shift,
     resolve_device,
     shift_by_gather,
@@ -164,20 +165,19 @@ def step_costs(root: Path, bf16: bool, rounds: int = 60) -> None:
 
     def trainer(dropout: float, bits: bool, ahead: bool = False):
         """A step of the recipe; with ``ahead``, as the step's core runs it when batches are prefetched:
-        the masks drawn and the inputs cast beforehand (``prepare``, not timed)."""
+        the batch prepared beforehand by the loop's own ``prepare_batch`` (masks drawn, inputs cast), not timed."""
         model = build_model(replace(recipe, dropout=dropout).model_config()).train()
         if bits:
             use_bits_dropout(model)
         optimizer, average = make_optimizer(model, recipe, torch.device("cpu")), WeightAverage(model, recipe.ema)
-        layers, dtype = dropout_widths(model) or [], torch.bfloat16 if bf16 else torch.float32
-        batch = inputs.to(dtype) if ahead else inputs
+        layers, augmenting = dropout_widths(model) or [], torch.Generator().manual_seed(0)
+        batch = [inputs]
 
         def prepare() -> None:
-            for layer, width in layers:
-                layer.draw_ahead((len(batch), width), dtype)
+            batch[0] = prepare_batch(inputs, recipe, augmenting, bf16, layers, prefetch=True)
 
         def step() -> None:
-            optimizer_step(model, optimizer, batch, targets, recipe.label_smoothing, bf16)
+            optimizer_step(model, optimizer, batch[0], targets, recipe.label_smoothing, bf16)
             average.update()
 
         return step, prepare if ahead else None
