@@ -381,21 +381,30 @@ def test_batches_prepared_on_a_second_thread_give_the_same_weights(train_set, te
         pytest.skip("this torch has no bf16 autocast on the CPU")
     architecture = ModelConfig(hidden_sizes=(32, 16), dropout=0.2)  # two dropout layers, masks drawn ahead
 
-    def trained(cpus: int) -> tuple[dict, dict]:
+    def trained(cpus: int, threads: int | None = None) -> tuple[dict, dict]:
         monkeypatch.setattr(train_module, "usable_cpus", lambda: cpus)
         torch.manual_seed(5)
         model = build_model(architecture)
         config = TrainConfig(
-            epochs=2, batch_size=96, seed=5, bf16=bf16, threads=1, hflip=0.5, shift=1, ema=0.9, dropout=0.2
+            epochs=2, batch_size=96, seed=5, bf16=bf16, threads=threads, hflip=0.5, shift=1, ema=0.9, dropout=0.2
         )
-        # 1,000 images in batches of 96: the last batch is smaller, and its masks are drawn for its size.
-        history = train(model, subset(train_set, 1_000), test_set, config, torch.device("cpu"), log=lambda _: None)
+        # With torch on one thread the only candidate is 1 thread, chosen (not pinned by --threads).
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            # 1,000 images in batches of 96: the last batch is smaller, and its masks are drawn for its size.
+            history = train(model, subset(train_set, 1_000), test_set, config, torch.device("cpu"), log=lambda _: None)
+        finally:
+            torch.set_num_threads(before)
         assert not any(layer.ahead for layer in model.modules() if isinstance(layer, BitsDropout))
         return model.state_dict(), config.calibration, [entry["test_accuracy"] for entry in history]
 
     (serial, serial_record, serial_curve) = trained(1)
     (ahead, ahead_record, ahead_curve) = trained(2)
     assert serial_record["prefetch"] is False and ahead_record["prefetch"] is True
+    # --threads 1 given: one CPU's worth of work, no second thread, even with a CPU to spare.
+    (pinned, pinned_record, _) = trained(2, threads=1)
+    assert pinned_record["prefetch"] is False and all(torch.equal(serial[k], pinned[k]) for k in serial)
     assert all(torch.equal(serial[k], ahead[k]) for k in serial)
     assert serial_curve == ahead_curve  # evaluated on more threads between epochs, the same answers
 

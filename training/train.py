@@ -49,7 +49,7 @@ from training.data import (
     ensure_fashion_mnist,
     file_checksums,
 )
-from training.dropout import dropout_widths, use_bits_dropout
+from training.dropout import BitsDropout, dropout_widths, use_bits_dropout
 from training.prefetch import prefetched
 from training.trust import fit_trust
 
@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=_positive_int,
         default=None,
-        help="CPU threads; unset: 1 or all usable, whichever trains faster in the timed steps at start",
+        help="CPU threads; unset: 1 or all usable, whichever trains faster in the timed steps at start "
+        "(with 1 chosen, a second thread prepares the batches; --threads 1 keeps the run on one)",
     )
     parser.add_argument(
         "--data-dir",
@@ -526,6 +527,7 @@ def choose_mode(
         return bf16, threads, {"chosen": _mode_name(bf16, threads), "by": "options"}
 
     started = time.perf_counter()
+    pinned = config.threads is not None
     size = min(config.batch_size, len(inputs))
     timings: dict[tuple, list[float]] = {mode: [] for mode in modes}
     preparing: dict[tuple, list[float]] = {mode: [] for mode in modes}
@@ -544,7 +546,8 @@ def choose_mode(
             _synchronize(device)
             begun = time.perf_counter()
             chosen = rows[:size]
-            batch = prepare_batch(inputs[chosen], config, augmenting, bf16, ahead, prefetch_batches(device, threads))
+            beside = prefetch_batches(device, threads, pinned)
+            batch = prepare_batch(inputs[chosen], config, augmenting, bf16, ahead, beside)
             _synchronize(device)
             prepared = time.perf_counter()
             preparing[mode].append(prepared - begun)
@@ -569,7 +572,7 @@ def choose_mode(
     preparations = {mode: statistics.median(times) for mode, times in preparing.items()}
     batches = {
         mode: max(steps[mode], preparations[mode])
-        if prefetch_batches(device, mode[1])
+        if prefetch_batches(device, mode[1], pinned)
         else steps[mode] + preparations[mode]
         for mode in modes
     }
@@ -590,10 +593,12 @@ def choose_mode(
     return bf16, threads, record
 
 
-def prefetch_batches(device: torch.device, threads: int | None) -> bool:
+def prefetch_batches(device: torch.device, threads: int | None, pinned: bool = False) -> bool:
     """Whether the loop prepares the next batches on a second thread: training on one CPU thread with
-    another CPU to spare (``training.prefetch``); with more threads the step's kernels use the cores."""
-    return device.type == "cpu" and threads == 1 and usable_cpus() >= 2
+    another CPU to spare (``training.prefetch``); with more threads the step's kernels use the cores.
+    Not when ``--threads 1`` was given (``pinned``): whoever asks for one thread, say to share the
+    machine with another run, gets one CPU's worth of work, not a second thread beside it."""
+    return device.type == "cpu" and threads == 1 and not pinned and usable_cpus() >= 2
 
 
 def _progress(iterable, total: int, description: str):
@@ -626,18 +631,20 @@ def train(
     model.to(device)
     if device.type == "cpu":
         use_bits_dropout(model)
+    for layer in model.modules():
+        if isinstance(layer, BitsDropout):
+            layer.ahead.clear()  # no masks left over from a run an exception ended
     started = time.perf_counter()
+    pinned = config.threads is not None
     config.bf16, config.threads, config.calibration = choose_mode(
         model, train_set.inputs, train_set.target_vectors, config, device
     )
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    prefetch = prefetch_batches(device, config.threads)
+    prefetch = prefetch_batches(device, config.threads, pinned)
     config.calibration["prefetch"] = prefetch
     # Batches prepared ahead carry their dropout masks, drawn there in the order the steps would draw them.
     ahead = (dropout_widths(model) or []) if prefetch else []
-    for layer, _ in ahead:
-        layer.ahead.clear()  # none left over from a run an exception ended
     log(
         f"precision and threads: {config.calibration['chosen']} ({config.calibration['by']})"
         + ("; batches prepared on a second thread" if prefetch else "")
