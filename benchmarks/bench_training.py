@@ -54,6 +54,7 @@ from training.train import (
     resolve_device,
     shift_by_gather,
     shift_by_windows,
+    threads_for,
     train,
 )
 
@@ -133,26 +134,24 @@ def forward_costs(repeats: int = 2_000) -> None:
     """Median microseconds of one image through each default architecture, one thread, as service/model.py runs it."""
     from service.model import LoadedModel
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    image = torch.randn(1, 1, 28, 28)
-    for arch, recipe in RECIPES.items():
-        model = build_model(recipe.model_config()).eval()
-        weights = sum(p.numel() for p in model.parameters())
-        served = LoadedModel(
-            model=model, card={"weights": {"sha256": "0" * 64}}, device=torch.device("cpu"), signature=None
-        )
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            served.predict(image)
-            times.append(time.perf_counter() - started)
-        print(
-            f"batch-1 forward, 1 thread, {arch} {recipe.model_config().to_dict()}: "
-            f"{statistics.median(times[100:]) * 1e6:.0f} us "
-            f"(median of {repeats - 100}), {weights:,} weights ({weights * 4 / 1e6:.2f} MB float32)"
-        )
-    torch.set_num_threads(threads)
+    with threads_for(1):
+        image = torch.randn(1, 1, 28, 28)
+        for arch, recipe in RECIPES.items():
+            model = build_model(recipe.model_config()).eval()
+            weights = sum(p.numel() for p in model.parameters())
+            served = LoadedModel(
+                model=model, card={"weights": {"sha256": "0" * 64}}, device=torch.device("cpu"), signature=None
+            )
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                served.predict(image)
+                times.append(time.perf_counter() - started)
+            print(
+                f"batch-1 forward, 1 thread, {arch} {recipe.model_config().to_dict()}: "
+                f"{statistics.median(times[100:]) * 1e6:.0f} us "
+                f"(median of {repeats - 100}), {weights:,} weights ({weights * 4 / 1e6:.2f} MB float32)"
+            )
 
 
 def step_costs(root: Path, bf16: bool, rounds: int = 60) -> None:
