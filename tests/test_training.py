@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import itertools
@@ -14,6 +15,8 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -409,6 +412,70 @@ def test_batches_prepared_on_a_second_thread_give_the_same_weights(train_set, te
     assert serial_curve == ahead_curve  # evaluated on more threads between epochs, the same answers
 
 
+@pytest.mark.parametrize("ema", [0.9, 0.0], ids=["ema", "no-ema"])
+def test_a_stop_with_the_evaluation_behind_returns_the_weights_it_evaluated(train_set, test_set, monkeypatch, ema):
+    # Prefetching, epoch 2's evaluation runs behind epoch 3: stopped at 2, the run has trained a third
+    # epoch, but it returns epoch 2's weights and the history the serial loop gives.
+    def trained(cpus: int) -> tuple[dict, list, list]:
+        monkeypatch.setattr(train_module, "usable_cpus", lambda: cpus)
+        torch.manual_seed(8)
+        model = build_model(ModelConfig(hidden_sizes=(24,)))
+        config = TrainConfig(epochs=5, batch_size=100, seed=8, bf16=False, ema=ema, hflip=0.0, dropout=0.0)
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            history = train(
+                model,
+                subset(train_set, 600),
+                test_set,
+                config,
+                torch.device("cpu"),
+                log=lambda _: None,
+                stop_when=lambda entry: entry["epoch"] == 2,
+            )
+        finally:
+            torch.set_num_threads(before)
+        assert config.calibration["prefetch"] is (cpus > 1)
+        elapsed = [entry["elapsed_s"] for entry in history]
+        return model.state_dict(), [entry["test_accuracy"] for entry in history], elapsed
+
+    serial, serial_curve, _ = trained(1)
+    behind, behind_curve, elapsed = trained(2)
+    assert len(serial_curve) == 2 and behind_curve == serial_curve
+    assert all(torch.equal(serial[k], behind[k]) for k in serial)
+    assert 0 < elapsed[0] < elapsed[1]
+    assert not any(thread.name.startswith("evaluation") for thread in threading.enumerate())
+
+
+def test_prefetched_runs_spare_jobs_while_ahead_and_leaves_the_rest():
+    ran = []
+
+    def slowly_consumed(count: int, spare) -> list:
+        taken = []
+        for item in prefetched(iter(range(count)), depth=2, spare=spare):
+            time.sleep(0.02)  # the consumer is the slow side: the queue fills, the producer has time to spare
+            taken.append(item)
+        return taken
+
+    def job(number: int) -> None:
+        time.sleep(0.005)
+        ran.append(number)
+
+    spare = (functools.partial(job, number) for number in range(1_000))
+    assert slowly_consumed(10, spare) == list(range(10))
+    assert ran and ran == list(range(len(ran))) and len(ran) < 1_000  # in order, one at a time, not all
+    reached = len(ran)
+    next(spare)()
+    assert ran[-1] == reached  # the jobs it did not reach are still there, the next one first
+
+    def failing_job():
+        raise ValueError("spare job failed")
+
+    with pytest.raises(ValueError, match="spare job failed"):
+        slowly_consumed(10, iter([failing_job]))
+    assert not any(thread.name == "batch-prefetch" for thread in threading.enumerate())
+
+
 def test_dropout_masks_drawn_ahead_are_the_ones_the_forward_pass_would_draw():
     inputs = torch.rand(40, 24) + 0.5
     layer = BitsDropout(0.3).train()
@@ -429,7 +496,7 @@ def test_dropout_masks_drawn_ahead_are_the_ones_the_forward_pass_would_draw():
 
 
 def test_dropout_widths_follow_the_linear_before_each_dropout():
-    mlp = use_bits_dropout(build_model(RECIPES["mlp"].model_config()))
+    mlp = use_bits_dropout(build_model(replace(RECIPES["mlp"], dropout=0.1).model_config()))
     cnn = use_bits_dropout(build_model(RECIPES["cnn"].model_config()))
     assert [width for _, width in dropout_widths(mlp)] == list(RECIPES["mlp"].hidden_sizes)
     assert [width for _, width in dropout_widths(cnn)] == list(RECIPES["cnn"].hidden_sizes)

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 _DONE = object()
 
 
-def prefetched(batches: Iterable, depth: int = 2) -> Iterator:
+def prefetched(batches: Iterable, depth: int = 2, spare: Iterator[Callable[[], object]] | None = None) -> Iterator:
     """Yield the items of ``batches`` in order while a daemon thread computes up to ``depth`` ahead.
+
+    While ``depth`` items wait, the thread runs the jobs of ``spare``, one at a time: work nobody
+    waits for (the last epoch's evaluation). Those it did not reach are left in ``spare``.
 
     An exception in the producer is raised here, at the item it failed on. When the consumer stops
     early (a ``break``, an exception, Ctrl-C), the producer is told to stop and joined, so no thread
@@ -29,7 +32,15 @@ def prefetched(batches: Iterable, depth: int = 2) -> Iterator:
     stop = threading.Event()
 
     def put(item) -> bool:
+        nonlocal spare
         while not stop.is_set():
+            if spare is not None and handoff.full():
+                job = next(spare, None)
+                if job is None:
+                    spare = None
+                else:
+                    job()
+                continue
             try:
                 handoff.put(item, timeout=0.1)
                 return True
@@ -38,11 +49,13 @@ def prefetched(batches: Iterable, depth: int = 2) -> Iterator:
         return False
 
     def produce() -> None:
+        nonlocal spare
         try:
             for item in batches:
                 if not put((item, None)):
                     return
         except BaseException as error:  # handed to the consumer, raised there
+            spare = None
             put((_DONE, error))
             return
         put((_DONE, None))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import io
 import platform
 import statistics
@@ -55,7 +56,8 @@ from training.trust import fit_trust
 
 CURVES_FILE = "training-curves.png"
 CONFUSION_FILE = "confusion-matrix.png"
-EVAL_BATCH = 2_000
+# Small enough that a piece of an evaluation fits in the batch-preparing thread's spare time.
+EVAL_BATCH = 500
 # A black pixel as the contract prepares it: what random_shift brings in at the borders.
 BLACK = pixels_to_input(torch.zeros(1, 1, dtype=torch.uint8)).item()
 # What choosing the precision and thread count may cost at start, in seconds (measured steps).
@@ -422,16 +424,35 @@ def optimizer_step(
 def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, torch.Tensor]:
     """(accuracy, mean loss, confusion matrix [true, predicted]) of ``model`` on a whole split, in float32."""
     model.eval()
-    correct, loss_sum = 0, 0.0
-    confusion = torch.zeros(NUM_CLASSES * NUM_CLASSES, dtype=torch.long, device=inputs.device)
+    tally = Tally(inputs.device)
     for start in range(0, len(inputs), EVAL_BATCH):
-        logits = model(inputs[start : start + EVAL_BATCH]).float()
-        batch_labels = labels[start : start + EVAL_BATCH]
+        tally.add(model, inputs[start : start + EVAL_BATCH], labels[start : start + EVAL_BATCH])
+    return tally.accuracy(), tally.mean_loss(), tally.confusion.view(NUM_CLASSES, NUM_CLASSES).cpu()
+
+
+class Tally:
+    """An evaluation's running sums, added to a batch at a time (by any thread)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.images, self.correct, self.loss_sum = 0, 0, 0.0
+        self.confusion = torch.zeros(NUM_CLASSES * NUM_CLASSES, dtype=torch.long, device=device)
+        self.finished = time.perf_counter()
+
+    @torch.no_grad()  # grad mode is per thread: this may run on the batch-preparing one
+    def add(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        logits = model(inputs).float()
         predicted = logits.argmax(dim=1)
-        correct += (predicted == batch_labels).sum().item()
-        loss_sum += F.cross_entropy(logits, batch_labels, reduction="sum").item()
-        confusion += torch.bincount(batch_labels * NUM_CLASSES + predicted, minlength=NUM_CLASSES * NUM_CLASSES)
-    return correct / len(inputs), loss_sum / len(inputs), confusion.view(NUM_CLASSES, NUM_CLASSES).cpu()
+        self.images += len(inputs)
+        self.correct += (predicted == labels).sum().item()
+        self.loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        self.confusion += torch.bincount(labels * NUM_CLASSES + predicted, minlength=NUM_CLASSES * NUM_CLASSES)
+        self.finished = time.perf_counter()
+
+    def accuracy(self) -> float:
+        return self.correct / self.images
+
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.images
 
 
 class WeightAverage:
@@ -621,7 +642,9 @@ def train(
 ) -> list[dict]:
     """The autograd loop; returns one history entry per epoch (losses, accuracies, lr, elapsed seconds).
 
-    ``stop_when(entry)`` returning True ends the run after that epoch (benchmarks stop at a target).
+    ``stop_when(entry)`` returning True ends the run at that epoch's weights (benchmarks stop at a
+    target). An entry's ``elapsed_s`` is when its evaluation finished: with batches prefetched, that
+    evaluation runs behind the next epoch, and a stop comes at that epoch's end.
 
     Chooses the precision and thread count first (``choose_mode``; the time counts in elapsed_s)
     and writes the choice into ``config``. With ``config.ema`` the weights' moving average is
@@ -659,12 +682,37 @@ def train(
     evaluated = average.model if average is not None else model
     test_labels = test_set.targets.to(device)
     history = []
+
+    def record(epoch: int, train_loss: float, train_acc: float, lr: float, evaluation: tuple) -> bool:
+        """Add an epoch's entry to the history and log it; True when ``stop_when`` ends the run there."""
+        test_acc, test_loss, finished = evaluation
+        entry = {
+            "epoch": epoch,
+            "train_loss": round(train_loss, 6),
+            "train_accuracy": round(train_acc, 6),
+            "test_loss": round(test_loss, 6),
+            "test_accuracy": test_acc,
+            "lr": lr,
+            "elapsed_s": round(finished - started, 3),
+        }
+        history.append(entry)
+        log(
+            f"epoch {epoch}/{config.epochs}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
+            f"test loss {test_loss:.4f} acc {test_acc:.4f} | {entry['elapsed_s']:.1f}s"
+        )
+        return stop_when is not None and stop_when(entry)
+
+    # When batches are prefetched, each epoch's evaluation runs on their thread in its spare time during
+    # the next epoch, on a copy of the weights it evaluates: its entry is recorded (with the time its
+    # answer came) at the next epoch's end, and a stop there returns the weights that were evaluated.
+    behind = SpareTimeEvaluation(evaluated, test_set.inputs, test_labels) if prefetch else None
+    stopped = False
     for epoch in range(1, config.epochs + 1):
         train_mode(model, config.freeze)
         seen, correct, loss_sum = 0, 0, 0.0
         batches = prepared_batches(loader, config, generator, ahead, prefetch)
         if prefetch:
-            batches = prefetched(batches)
+            batches = prefetched(batches, spare=behind.pieces)
         bar = _progress(batches, len(loader), f"epoch {epoch}/{config.epochs}")
         for inputs, targets in bar:
             logits, loss = optimizer_step(model, optimizer, inputs, targets, config.label_smoothing, config.bf16)
@@ -678,29 +726,57 @@ def train(
             correct = correct + (logits.argmax(dim=1) == targets.argmax(dim=1)).sum()
             if bar is not batches and bar.n % 20 == 0:
                 bar.set_postfix(loss=f"{(loss_sum / seen).item():.4f}", acc=f"{(correct / seen).item():.4f}")
-        train_loss, train_acc = (loss_sum / seen).item(), (correct / seen).item()
-        # The prefetching thread is idle between epochs: the evaluation may use its core too.
-        with threads_for(usable_cpus() if prefetch else None):
+        epoch_record = (epoch, (loss_sum / seen).item(), (correct / seen).item(), optimizer.param_groups[0]["lr"])
+        if behind is None:
             test_acc, test_loss, _ = evaluate(evaluated, test_set.inputs, test_labels)
-        entry = {
-            "epoch": epoch,
-            "train_loss": round(train_loss, 6),
-            "train_accuracy": round(train_acc, 6),
-            "test_loss": round(test_loss, 6),
-            "test_accuracy": test_acc,
-            "lr": optimizer.param_groups[0]["lr"],
-            "elapsed_s": round(time.perf_counter() - started, 3),
-        }
-        history.append(entry)
-        log(
-            f"epoch {epoch}/{config.epochs}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
-            f"test loss {test_loss:.4f} acc {test_acc:.4f} | {entry['elapsed_s']:.1f}s"
-        )
-        if stop_when is not None and stop_when(entry):
+            stopped = record(*epoch_record, (test_acc, test_loss, time.perf_counter()))
+        else:
+            stopped = behind.pending is not None and record(*behind.collect())
+            if not stopped:
+                behind.start(epoch_record)
+        if stopped:
             break
-    if average is not None:
+    if behind is not None and behind.pending is not None:
+        record(*behind.collect())
+    if stopped and behind is not None:
+        model.load_state_dict(behind.snapshot.state_dict())
+    elif average is not None:
         model.load_state_dict(average.model.state_dict())
     return history
+
+
+class SpareTimeEvaluation:
+    """An epoch's evaluation, of a copy of the weights it evaluates, in EVAL_BATCH pieces: the thread
+    that prepares the next epoch's batches runs them while it is ahead of the steps (``pieces``), and
+    ``collect`` runs whatever it left."""
+
+    def __init__(self, evaluated: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        self.evaluated, self.inputs, self.labels = evaluated, inputs, labels
+        self.snapshot = copy.deepcopy(evaluated).requires_grad_(False).eval()
+        self.pending = None  # the epoch entry's fields besides the evaluation's answer
+        self.pieces: Iterator[Callable[[], None]] = iter(())
+        self._tally = Tally(inputs.device)
+
+    def start(self, pending: tuple) -> None:
+        """Copy the weights as they are now; the pieces evaluate the copy."""
+        with torch.no_grad():
+            for copied, current in zip(
+                self.snapshot.state_dict().values(), self.evaluated.state_dict().values(), strict=True
+            ):
+                copied.copy_(current)
+        self.pending = pending
+        self._tally = Tally(self.inputs.device)
+        self.pieces = (
+            functools.partial(self._tally.add, self.snapshot, self.inputs[piece], self.labels[piece])
+            for piece in (slice(start, start + EVAL_BATCH) for start in range(0, len(self.inputs), EVAL_BATCH))
+        )
+
+    def collect(self) -> tuple:
+        """The started epoch's entry fields, then (accuracy, mean loss, when its last piece finished)."""
+        for piece in self.pieces:
+            piece()
+        pending, self.pending = self.pending, None
+        return (*pending, (self._tally.accuracy(), self._tally.mean_loss(), self._tally.finished))
 
 
 @contextlib.contextmanager
