@@ -77,7 +77,7 @@ class TrainConfig:
     lr: float = 4e-3
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
-    hflip: float = 0.5
+    hflip: float = 0.0
     shift: int = 1
     erase: float = 0.0
     ema: float = 0.99
@@ -88,7 +88,7 @@ class TrainConfig:
     arch: str = "mlp"
     hidden_sizes: tuple[int, ...] = (512, 512)
     channels: tuple[int, ...] = ()
-    dropout: float = 0.1
+    dropout: float = 0.0
     freeze: bool = False
     limit_train: int | None = None
     optimizer: str = field(default="AdamW (fused where available)")
