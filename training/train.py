@@ -765,9 +765,9 @@ class SpareTimeEvaluation:
             ):
                 copied.copy_(current)
         self.pending = pending
-        self._tally = Tally(self.inputs.device)
+        tally = self._tally = Tally(self.inputs.device)
         self.pieces = (
-            functools.partial(self._tally.add, self.snapshot, self.inputs[piece], self.labels[piece])
+            functools.partial(tally.add, self.snapshot, self.inputs[piece], self.labels[piece])
             for piece in (slice(start, start + EVAL_BATCH) for start in range(0, len(self.inputs), EVAL_BATCH))
         )
 
