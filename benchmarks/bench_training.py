@@ -23,11 +23,13 @@ hits both alike; medians are printed. Usage: python benchmarks/bench_training.py
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,7 +56,6 @@ from training.train import (
     resolve_device,
     shift_by_gather,
     shift_by_windows,
-    threads_for,
     train,
 )
 
@@ -130,6 +131,17 @@ def our_training(root: Path, device: torch.device, seed: int, bf16: bool | None,
         "calibration_s": config.calibration.get("cost_s", 0.0),
         "best": max(e["test_accuracy"] for e in history),
     }
+
+
+@contextlib.contextmanager
+def threads_for(count: int) -> Iterator[None]:
+    """Run the block on ``count`` intra-op threads, then restore the count (even if it fails)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def forward_costs(repeats: int = 2_000) -> None:

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import functools
 import io
@@ -425,9 +424,18 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tu
     """(accuracy, mean loss, confusion matrix [true, predicted]) of ``model`` on a whole split, in float32."""
     model.eval()
     tally = Tally(inputs.device)
-    for start in range(0, len(inputs), EVAL_BATCH):
-        tally.add(model, inputs[start : start + EVAL_BATCH], labels[start : start + EVAL_BATCH])
+    for piece in evaluation_pieces(model, inputs, labels, tally):
+        piece()
     return tally.accuracy(), tally.mean_loss(), tally.confusion.view(NUM_CLASSES, NUM_CLASSES).cpu()
+
+
+def evaluation_pieces(
+    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, tally: Tally
+) -> Iterator[Callable[[], None]]:
+    """An evaluation of ``model`` (in eval mode) on a split as jobs of EVAL_BATCH images, each adding to ``tally``."""
+    for start in range(0, len(inputs), EVAL_BATCH):
+        piece = slice(start, start + EVAL_BATCH)
+        yield functools.partial(tally.add, model, inputs[piece], labels[piece])
 
 
 class Tally:
@@ -765,11 +773,8 @@ class SpareTimeEvaluation:
             ):
                 copied.copy_(current)
         self.pending = pending
-        tally = self._tally = Tally(self.inputs.device)
-        self.pieces = (
-            functools.partial(tally.add, self.snapshot, self.inputs[piece], self.labels[piece])
-            for piece in (slice(start, start + EVAL_BATCH) for start in range(0, len(self.inputs), EVAL_BATCH))
-        )
+        self._tally = Tally(self.inputs.device)
+        self.pieces = evaluation_pieces(self.snapshot, self.inputs, self.labels, self._tally)
 
     def collect(self) -> tuple:
         """The started epoch's entry fields, then (accuracy, mean loss, when its last piece finished)."""
@@ -777,18 +782,6 @@ class SpareTimeEvaluation:
             piece()
         pending, self.pending = self.pending, None
         return (*pending, (self._tally.accuracy(), self._tally.mean_loss(), self._tally.finished))
-
-
-@contextlib.contextmanager
-def threads_for(count: int | None) -> Iterator[None]:
-    """Run the block on ``count`` intra-op threads (None: as it is), then restore the count."""
-    before = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def prepare_batch(
