@@ -10,7 +10,8 @@
    thread, as the service runs it (service.model.LoadedModel.predict: an MLP through DirectMLP, any
    other model layer by layer, softmax, inference mode; no detector): what serving one image costs.
 4. With --steps (then exits): one training step of the default MLP recipe (forward, loss, backward,
-   AdamW, EMA on one real batch) without dropout, with ``nn.Dropout`` and with ``BitsDropout`` (also
+   AdamW, EMA on one real batch) without dropout, with ``nn.Dropout`` and with ``BitsDropout`` at
+   TIMED_DROPOUT (the default's rate, or 0.1 now that the default has none) (also
    as the step's core runs it when batches are prefetched: masks drawn and inputs cast beforehand),
    one dropout layer's forward and backward at the recipe's shapes, and the recipe's shift of a
    batch done both ways ``random_shift`` can do it: what the masks and the shift cost.
