@@ -382,9 +382,12 @@ def report(results: dict) -> None:
 # --------------------------------------------------------------------------- stages
 
 
-def stage_costs(args: argparse.Namespace, images: int = 500, rounds: int = 7) -> dict[str, float]:
+def stage_costs(
+    args: argparse.Namespace, images: int = 500, rounds: int = 7
+) -> tuple[dict[str, float], dict[str, float] | None]:
     """In-process CPU microseconds per call of each stage of a single-image POST /predict (median of
-    rounds; the whole request through the WSGI app, no HTTP server), next to the ceiling app's request."""
+    rounds; the whole request through the WSGI app, no HTTP server), next to the ceiling app's request;
+    and for this checkout the same steps timed inside whole requests (``steps_inside_requests``)."""
     import io as _io
     import sys as _sys
 
@@ -432,10 +435,87 @@ def stage_costs(args: argparse.Namespace, images: int = 500, rounds: int = 7) ->
                 for index in range(images):
                     stage(index)
                 costs[name].append((time.process_time() - started) / images * 1e6)
+        inside = None if args.root else steps_inside_requests(app, blobs, environs, rounds)
     finally:
         os.dup2(saved, 2)
         os.close(null)
-    return {name: statistics.median(values) for name, values in costs.items()}
+    return {name: statistics.median(values) for name, values in costs.items()}, inside
+
+
+def _steps_of_a_request(app) -> dict[str, tuple[object, str]]:
+    """The steps of a fast-path ``/predict`` through ``app``, each as (owner, attribute): the module
+    global, class method or bound method the request calls at run time, so that replacing it times the
+    calls requests make."""
+    import service.fast_path
+    import service.model
+    import service.web
+    from fashion.trust import Judge
+
+    return {
+        "plain_crop_inputs (decode + pixels + normalized tensor)": (service.fast_path, "plain_crop_inputs"),
+        "  decode_crop": (service.web, "decode_crop"),
+        "  pixel_rows_to_input": (service.web, "pixel_rows_to_input"),
+        "runner.predict (forward + softmax + judge + metrics)": (service.model.ModelRunner, "predict"),
+        "  model forward + softmax + judge": (service.model.LoadedModel, "predict"),
+        "    the MLP's forward (DirectMLP)": (service.model.DirectMLP, "__call__"),
+        "    judge (calibration + not-a-garment detector)": (Judge, "judge"),
+        "predictions_json (the answer's JSON text)": (service.fast_path, "predictions_json"),
+        # FastPath keeps the recorder's bound method.
+        "RequestRecorder.record (metrics + access line)": (app.wsgi_app, "record"),
+    }
+
+
+def steps_inside_requests(app, blobs: list[bytes], environs: list[dict], rounds: int = 7) -> dict[str, float]:
+    """Microseconds per request spent in each step of a fast-path ``/predict``, timed inside whole
+    requests through ``app`` (wall time, one thread; the median of ``rounds`` passes over the images),
+    and the whole request itself under the key ``"whole request"``.
+
+    The stage rows time each step alone, in a tight loop, where its code and data stay in the caches;
+    inside a request every other step runs in between. Raises if a step was not called once per request:
+    then the fast path no longer calls what is timed here, and the figures would be silently zero.
+    """
+    import functools
+    import io as _io
+
+    steps = _steps_of_a_request(app)
+    spent = dict.fromkeys(steps, 0.0)
+    calls = dict.fromkeys(steps, 0)
+
+    def timed(name: str, function):
+        @functools.wraps(function)
+        def step(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - started
+                calls[name] += 1
+
+        return step
+
+    originals = {name: vars(owner)[attribute] for name, (owner, attribute) in steps.items()}
+    per_round: dict[str, list[float]] = {name: [] for name in [*steps, "whole request"]}
+    try:
+        for name, (owner, attribute) in steps.items():
+            setattr(owner, attribute, timed(name, originals[name]))
+        for _ in range(rounds):
+            for name in steps:
+                spent[name], calls[name] = 0.0, 0
+            started = time.perf_counter()
+            for index, blob in enumerate(blobs):
+                environ = dict(environs[index], **{"wsgi.input": _io.BytesIO(blob)})
+                for _ in app(environ, lambda *_: None):
+                    pass
+            per_round["whole request"].append((time.perf_counter() - started) / len(blobs) * 1e6)
+            missed = [name.strip() for name, count in calls.items() if count < len(blobs)]
+            if missed:
+                raise RuntimeError(f"not called once per request, so not timed: {', '.join(missed)}")
+            for name in steps:
+                per_round[name].append(spent[name] / len(blobs) * 1e6)
+    finally:
+        for name, (owner, attribute) in steps.items():
+            setattr(owner, attribute, originals[name])
+    return {name: statistics.median(values) for name, values in per_round.items()}
 
 
 def _judged(judge, inputs, logits, index: int) -> None:
@@ -451,7 +531,7 @@ def _stages_of_this_checkout(app, blobs: list[bytes], environs: list[dict]) -> d
 
     import torch
 
-    from fashion.contract import to_fashion_mnist
+    from fashion.contract import pixel_rows_to_input, to_fashion_mnist
     from fashion.images import decode_image
     from service.web import crop_pixels, decode_crop, prediction_json, read_images, to_inputs, verdict_json
 
@@ -465,6 +545,11 @@ def _stages_of_this_checkout(app, blobs: list[bytes], environs: list[dict]) -> d
     trust = list(map(verdict_json, verdicts.calibrated, verdicts.reasons))
     with torch.inference_mode():
         logits = model.model(inputs)
+    crop_bytes = [crop_pixels(image, "auto") for image in decoded]
+
+    def forward(batch) -> None:
+        with torch.inference_mode():
+            model.direct(batch)
 
     def reading(index: int) -> None:
         environ = dict(environs[index], **{"wsgi.input": _io.BytesIO(blobs[index])})
@@ -478,6 +563,10 @@ def _stages_of_this_checkout(app, blobs: list[bytes], environs: list[dict]) -> d
         "crop_pixels (a decoded crop's pixels, inverted if asked)": lambda i: crop_pixels(decoded[i], "auto"),
         "to_fashion_mnist (the general photo path)": lambda i: to_fashion_mnist(decoded[i], "auto"),
         "to_inputs (decode + pixels + normalized tensor)": lambda i: to_inputs([blobs[i]], "auto", 10**8),
+        "pixel_rows_to_input (a crop's 784 bytes to the normalized tensor)": lambda i: pixel_rows_to_input(
+            [crop_bytes[i]]
+        ),
+        "the MLP's forward alone (DirectMLP)": lambda i: forward(batches[i]),
         "model forward + softmax + judge": lambda i: model.predict(batches[i]),
         "judge alone (calibration + not-a-garment detector)": lambda i: _judged(judge, inputs, logits, i),
         "runner.predict (forward + softmax + judge + metrics)": lambda i: runner.predict(model, batches[i]),
@@ -491,9 +580,13 @@ def _stages_of_this_checkout(app, blobs: list[bytes], environs: list[dict]) -> d
 if __name__ == "__main__":
     arguments = parse_args()
     if arguments.stages:
-        costs = stage_costs(arguments)
+        costs, inside = stage_costs(arguments)
         print(f"in-process CPU time per call, us (median of 7 interleaved rounds, 1 thread), {sys.modules['service']}:")
         for stage, microseconds in costs.items():
             print(f"{microseconds:8.1f}  {stage}")
+        if inside is not None:
+            print("the fast path's steps timed inside whole requests, wall us per request (median of 7 rounds):")
+            for step, microseconds in inside.items():
+                print(f"{microseconds:8.1f}  {step}")
     else:
         main(arguments)

@@ -376,3 +376,47 @@ def test_under_gunicorn_both_paths_give_the_same_answers(bundled_server, test_se
     v2_fast = post(request["path"], request["data"], "application/json", "g-3")
     assert v2_fast == post(request["path"] + "?via=flask", request["data"], "application/json", "g-3")
     assert v2_fast[0] == 200 and json.loads(v2_fast[2])["outputs"][0]["shape"] == [2, 10]
+
+
+def test_the_stage_benchmark_times_every_step_the_fast_path_takes_then_puts_them_back(bundled_model_dir, test_set):
+    """bench_serving --stages times the fast path's steps inside whole requests by replacing what the
+    requests call; each step must be seen once per request (else its figure would silently be 0) and
+    the replaced functions restored, with the answers unchanged meanwhile."""
+    from werkzeug.test import EnvironBuilder
+
+    from benchmarks.bench_serving import _steps_of_a_request, steps_inside_requests
+
+    app, served, _, counting = served_and_flask(bundled_model_dir, ACCESS_LOG="false")
+    blobs = [png(image) for image in test_set.data.numpy()[:6]]
+    environs = [
+        EnvironBuilder(path="/predict", method="POST", data=blob, content_type="image/png").get_environ()
+        for blob in blobs
+    ]
+    before = {name: vars(owner)[attribute] for name, (owner, attribute) in _steps_of_a_request(app).items()}
+    expected = [served.post("/predict", data=blob, content_type="image/png").get_data() for blob in blobs]
+
+    inside = steps_inside_requests(app, blobs, environs, rounds=2)
+
+    assert set(inside) == {*before, "whole request"}
+    assert all(microseconds > 0 for microseconds in inside.values())
+    # A step inside another takes no longer than it: the forward pass is part of the model's predict.
+    assert inside["    the MLP's forward (DirectMLP)"] < inside["  model forward + softmax + judge"]
+    assert inside["  model forward + softmax + judge"] < inside["whole request"]
+    assert counting.calls == 0  # all of them took the fast path
+    after = {name: vars(owner)[attribute] for name, (owner, attribute) in _steps_of_a_request(app).items()}
+    assert after == before
+    assert [served.post("/predict", data=blob, content_type="image/png").get_data() for blob in blobs] == expected
+
+
+def test_the_stage_benchmark_says_when_the_fast_path_skipped_a_step(bundled_model_dir, test_set):
+    """A request that does not reach a timed step (here: Flask answers an image that is not a plain crop)
+    is an error, not a row of zeros."""
+    from werkzeug.test import EnvironBuilder
+
+    from benchmarks.bench_serving import steps_inside_requests
+
+    app, *_ = served_and_flask(bundled_model_dir, ACCESS_LOG="false")
+    rgb = encode(Image.new("RGB", (28, 28), (9, 9, 9)))
+    environ = EnvironBuilder(path="/predict", method="POST", data=rgb, content_type="image/png").get_environ()
+    with pytest.raises(RuntimeError, match="decode_crop"):
+        steps_inside_requests(app, [rgb], [environ], rounds=1)
