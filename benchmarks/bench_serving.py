@@ -435,7 +435,10 @@ def stage_costs(
                 for index in range(images):
                     stage(index)
                 costs[name].append((time.process_time() - started) / images * 1e6)
-        inside = None if args.root else steps_inside_requests(app, blobs, environs, rounds)
+        inside = None
+        if not args.root:
+            inside = steps_inside_requests(app, blobs, environs, rounds)
+            inside.update(cold_step_costs([pixels[index].tobytes() for index in range(images)]))
     finally:
         os.dup2(saved, 2)
         os.close(null)
@@ -518,6 +521,33 @@ def steps_inside_requests(app, blobs: list[bytes], environs: list[dict], rounds:
     return {name: statistics.median(values) for name, values in per_round.items()}
 
 
+def cold_step_costs(rows: list[bytes], calls: int = 3000) -> dict[str, float]:
+    """Median wall microseconds of one small step (``pixel_rows_to_input`` of a crop's 784 bytes) right
+    after each thing a served request may have done before it: nothing (a tight loop), reading 8 MB of
+    other memory, sleeping 0.2 ms (a worker waiting for its next request). How much of a step's cost is
+    the machine fetching its code and data back, which the tight-loop rows leave out."""
+    import numpy as np
+
+    from fashion.contract import pixel_rows_to_input
+
+    other_memory = np.ones(2**20)  # 8 MB
+    before = {
+        "a tight loop": lambda: None,
+        "after reading 8 MB of other memory": other_memory.sum,
+        "after sleeping 0.2 ms": lambda: time.sleep(0.0002),
+    }
+    costs = {}
+    for name, then in before.items():
+        times = []
+        for index in range(calls):
+            then()
+            started = time.perf_counter()
+            pixel_rows_to_input([rows[index % len(rows)]])
+            times.append(time.perf_counter() - started)
+        costs[f"pixel_rows_to_input, {name}"] = statistics.median(times) * 1e6
+    return costs
+
+
 def _judged(judge, inputs, logits, index: int) -> None:
     import torch
 
@@ -585,7 +615,10 @@ if __name__ == "__main__":
         for stage, microseconds in costs.items():
             print(f"{microseconds:8.1f}  {stage}")
         if inside is not None:
-            print("the fast path's steps timed inside whole requests, wall us per request (median of 7 rounds):")
+            print(
+                "the fast path's steps timed inside whole requests, wall us per request (median of 7 rounds);"
+                " then one small step after what a request may do before it (median of 3000 calls):"
+            )
             for step, microseconds in inside.items():
                 print(f"{microseconds:8.1f}  {step}")
     else:
