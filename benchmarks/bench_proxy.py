@@ -5,7 +5,7 @@
     python benchmarks/bench_proxy.py --attack-only URL  # only the attacks, against any server (e.g. `make serve`)
 
 The stack is docker-compose.yml plus benchmarks/compose.direct.yaml (the api also published on loopback),
-one api replica with WORKERS sync workers, under the compose project $BENCH_COMPOSE_PROJECT
+one api replica with WORKERS workers, under the compose project $BENCH_COMPOSE_PROJECT
 (fashion-mnist-bench); it is taken down at the end. wrk POSTs real Fashion-MNIST test images as PNG
 bodies to /predict, through the proxy and direct in turn (interleaved), and the medians are printed.
 Needs a Docker-compatible engine and wrk. Loopback only; every attack is bounded in count and time.
@@ -47,7 +47,7 @@ from testing.server import free_port  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn sync workers of the one api replica")
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers of the one api replica")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per target (median reported)")
@@ -295,7 +295,7 @@ def main(args: argparse.Namespace) -> dict:
 def report(results: dict) -> None:
     if "wrk" in results:
         print(
-            f"\nproxy cost: 1 api replica, {results['workers']} sync workers, wrk c={results['connections']}, "
+            f"\nproxy cost: 1 api replica, {results['workers']} workers, wrk c={results['connections']}, "
             f"{results['duration_s']} s runs interleaved, medians"
         )
         print(f"{'':8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>7}")

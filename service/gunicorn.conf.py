@@ -66,15 +66,20 @@ from service.multiprocess import child_exit, on_exit, prepare_directory  # noqa:
 _metrics_dir = prepare_directory()
 
 import service.app  # noqa: E402, F401  (imported in the master only to share its pages with the workers)
-from service.connections import post_request  # noqa: E402, F401  (the hook; see worker_class below)
+from service.connections import post_request  # noqa: E402, F401  (the hook; see keepalive below)
 from service.logs import ServiceGunicornLogger, logging_config  # noqa: E402
 
 bind = [f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else f"{_settings.host}:{_settings.port}"]
 workers = _settings.workers
-worker_class = "sync"
-# A sync worker closes each connection after its answer. post_request (service/connections.py) lets
-# it close at once when nothing the client sent is left unread, instead of waiting up to 2 s for the
-# client to close first, during which the worker takes no other request.
+# One event loop per worker: connections kept alive, and the requests ready at the same moment answered
+# by one pass through the model (service/worker.py). `GUNICORN_CMD_ARGS="--worker-class sync"` gives
+# gunicorn's sync worker back (one request per connection, one forward pass per request).
+worker_class = "service.worker.BatchingWorker"
+# Seconds an idle connection is kept for its next request, and that a new one has to send its first byte.
+keepalive = 5
+# A connection that ends with its answer: post_request (service/connections.py) lets it close at once
+# when nothing the client sent is left unread, instead of reading on for up to 2 s until the client
+# closes first.
 
 # Inference is CPU-bound and answers in milliseconds: a worker silent this long is stuck.
 timeout = _settings.timeout

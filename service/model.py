@@ -43,6 +43,7 @@ from fashion.contract import INPUT_SHAPE, NUM_CLASSES
 from fashion.history import HISTORY_DIR, archived_entries
 from fashion.probe import CandidateRejected, ProbeError, ValidationPolicy, validate_candidate
 from fashion.trust import Judge, Verdicts
+from service import batching
 from service.web import ServiceError
 
 log = logging.getLogger(__name__)
@@ -193,10 +194,15 @@ class ModelRunner:
         return current
 
     def predict(self, model: LoadedModel, batch: torch.Tensor) -> Verdicts:
-        """``model``'s verdicts (probabilities, calibrated confidence, reasons) for ``batch``, reported to
-        ``observer`` (the metrics) with
-        the seconds the forward pass took. ``model`` is the one ``require`` gave the request, so a
-        swap in between cannot answer with one model and label the answer with another."""
+        """``model``'s verdicts (probabilities, calibrated confidence, reasons) for ``batch``. ``model`` is the
+        one ``require`` gave the request, so a swap in between cannot answer with one model and label the
+        answer with another. Under the service's worker, in one forward pass with the other requests that
+        reach the model at the same moment (service.batching)."""
+        return batching.predict(self.predict_now, model, batch)
+
+    def predict_now(self, model: LoadedModel, batch: torch.Tensor) -> Verdicts:
+        """``predict`` as one forward pass of its own, reported to ``observer`` (the metrics) with the
+        seconds it took."""
         started = time.perf_counter()
         verdicts = model.predict(batch)
         if self.observer is not None:

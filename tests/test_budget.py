@@ -1,6 +1,6 @@
 """The request cost budget in the service itself, without any proxy in front (make serve, Kubernetes).
 
-The real gunicorn (testing/server.py) with its sync workers: a request whose images would decode to
+The real gunicorn (testing/server.py) with the service's workers: a request whose images would decode to
 more than MAX_REQUEST_PIXELS is refused from the headers, a JPEG counts at its draft scale, a request
 that runs past REQUEST_DEADLINE is answered 503 by the worker itself, and no refusal is HTML.
 """
@@ -160,7 +160,7 @@ def test_gunicorn_own_answers_are_json_too(start_gunicorn, bundled_model_dir):
         head, _, body = _read_all(sock).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head
     assert json.loads(body)["error"]["code"] == "bad_request"
-    # A body that never arrives holds the sync worker until gunicorn kills it (the proxy exists for this).
+    # A body that never arrives holds the worker until gunicorn kills it (the proxy exists for this).
     with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
         sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100\r\n\r\n1")
         head, _, body = _read_all(sock).partition(b"\r\n\r\n")

@@ -264,7 +264,7 @@ def test_deployment_probes_security_and_model_volume(rendered):
     pvc = _by_kind(objects, "PersistentVolumeClaim")
     assert pvc["metadata"]["name"] == claim and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
 
-    # One sync worker per core of the limit, one torch thread each; Guaranteed QoS.
+    # One worker per core of the limit, one torch thread each; Guaranteed QoS.
     resources = container["resources"]
     limits, requests_ = resources["limits"], resources["requests"]
     assert {k: requests_[k] for k in ("cpu", "memory")} == {k: limits[k] for k in ("cpu", "memory")}

@@ -1,7 +1,7 @@
 """The front door for real: `docker compose up` with two api replicas behind the proxy, under attack.
 
 Hostile clients (testing/attacks.py) on loopback, every loop bounded in count and time: slow headers
-and slow bodies, small and beyond the proxy's 64 KiB buffer (more of them than there are sync workers),
+and slow bodies, small and beyond the proxy's 64 KiB buffer (more of them than there are workers),
 late bodies, the 64-image decompression bomb, a 20 MB body, 500 connections from one address; then
 replicas stopped, added and restarted under load.
 Latencies are printed, not asserted to the millisecond; a hung service would miss the generous bounds.
@@ -35,7 +35,7 @@ from testing.attacks import (
 from testing.containers import docker, needs_engine, running_stack
 
 REPLICAS = 2
-WORKERS = 2  # per replica: 4 sync workers in all
+WORKERS = 2  # per replica: 4 workers in all
 CONN_PER_IP = 64
 
 

@@ -1,0 +1,202 @@
+"""The service's worker (service/worker.py) and its batching of requests that reach the model together
+(service/batching.py): in process with greenlets, then through the real gunicorn."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+
+import greenlet
+import numpy as np
+import pytest
+import requests
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from fashion.contract import pixel_rows_to_input
+from service import batching
+from service.model import ModelRunner
+from testing.attacks import raw_post, read_answer
+from testing.images import png
+
+PNG = {"Content-Type": "image/png"}
+
+# ------------------------------------------------------------------ in process
+
+
+@pytest.fixture
+def runner(bundled_model_dir):
+    runner = ModelRunner(bundled_model_dir)
+    runner.load()
+    return runner
+
+
+@pytest.fixture
+def batcher():
+    """A Batcher whose loop is the test itself (this greenlet), installed for the test only."""
+    batcher = batching.Batcher(greenlet.getcurrent())
+    batching.install(batcher)
+    yield batcher
+    batching.install(None)
+
+
+def inputs_of(test_set, start: int, count: int) -> torch.Tensor:
+    return pixel_rows_to_input([test_set.data[i].numpy().tobytes() for i in range(start, start + count)])
+
+
+def park_all(runner, model, batches) -> list:
+    """Start one request greenlet per batch; each calls ``runner.predict`` and parks. Their outcomes,
+    filled in as they resume."""
+    outcomes: list = [None] * len(batches)
+
+    def request(index, batch):
+        try:
+            outcomes[index] = runner.predict(model, batch)
+        except Exception as error:
+            outcomes[index] = error
+
+    hub = greenlet.getcurrent()
+    for index, batch in enumerate(batches):
+        greenlet.greenlet(request, parent=hub).switch(index, batch)
+    return outcomes
+
+
+def test_requests_parked_together_get_their_own_rows_from_one_forward_pass(runner, batcher, test_set):
+    model = runner.current
+    batches = [inputs_of(test_set, 0, 1), inputs_of(test_set, 1, 3), inputs_of(test_set, 4, 2)]
+    alone = [runner.predict_now(model, batch) for batch in batches]  # the loop itself never parks
+
+    outcomes = park_all(runner, model, batches)
+    assert outcomes == [None, None, None] and len(batcher.parked) == 3  # all waiting for the model
+    batcher.run()
+
+    assert (batcher.passes, batcher.rows) == (1, 6)
+    for verdicts, own, batch in zip(outcomes, alone, batches, strict=True):
+        assert verdicts.probabilities.shape == (len(batch), 10)
+        torch.testing.assert_close(verdicts.probabilities, own.probabilities, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(verdicts.calibrated, own.calibrated, rtol=0, atol=1e-6)
+        assert verdicts.reasons == own.reasons
+        assert torch.equal(verdicts.probabilities.argmax(1), own.probabilities.argmax(1))
+
+
+def test_batches_are_bounded_in_rows_and_split_by_row_shape(runner, batcher, test_set, monkeypatch):
+    monkeypatch.setattr(batching, "MAX_BATCH_ROWS", 4)
+    model = runner.current
+    images = [inputs_of(test_set, i, 2) for i in range(0, 8, 2)]  # 4 requests of 2 rows: 2 passes of 4
+    flat = inputs_of(test_set, 8, 1).reshape(1, 784)  # rows of another shape go through a pass of their own
+    outcomes = park_all(runner, model, [*images, flat])
+    batcher.run()
+    assert (batcher.passes, batcher.rows) == (3, 9)
+    for verdicts, batch in zip(outcomes, [*images, flat], strict=True):
+        assert len(verdicts.calibrated) == len(batch)
+
+
+def test_a_failed_forward_pass_is_raised_in_every_request_of_its_batch(runner, batcher, test_set, monkeypatch):
+    def failing(model, batch):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(runner, "predict_now", failing)
+    outcomes = park_all(runner, runner.current, [inputs_of(test_set, 0, 1), inputs_of(test_set, 1, 1)])
+    batcher.run()
+    assert [str(outcome) for outcome in outcomes] == ["out of memory", "out of memory"]
+    assert batcher.passes == 0
+
+
+def test_outside_a_worker_predict_calls_the_model_directly(runner, test_set):
+    batching.install(None)
+    verdicts = runner.predict(runner.current, inputs_of(test_set, 0, 2))
+    assert len(verdicts.calibrated) == 2
+
+
+# ------------------------------------------------------------------ through gunicorn
+
+
+def batch_sizes(server) -> tuple[float, float]:
+    """(forward passes, passes of one image) from the server's /metrics."""
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    passes = ones = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "fashion_inference_batch_size_count":
+                passes += sample.value
+            elif sample.name == "fashion_inference_batch_size_bucket" and sample.labels["le"] == "1.0":
+                ones += sample.value
+    return passes, ones
+
+
+@pytest.fixture
+def one_worker(start_gunicorn, bundled_model_dir):
+    return start_gunicorn(bundled_model_dir, workers=1)
+
+
+def test_a_connection_is_kept_for_the_next_request(one_worker, test_set):
+    connection = http.client.HTTPConnection("127.0.0.1", one_worker.port, timeout=10)
+    try:
+        for image in test_set.data.numpy()[:3]:
+            connection.request("POST", "/predict", body=png(image), headers={"Content-Type": "image/png"})
+            response = connection.getresponse()
+            assert response.status == 200
+            assert response.getheader("Connection", "").lower() != "close"
+            response.read()
+        assert connection.sock is not None  # still the first connection: http.client reconnects silently
+    finally:
+        connection.close()
+
+
+def test_concurrent_requests_are_answered_as_alone_in_fewer_forward_passes(one_worker, test_set):
+    """Clients posting at the same moment get the answers they get one at a time, and the worker runs
+    them through the model together: some forward pass had more than one image. Concurrency is up to
+    the scheduler, so the clients try again (ten rounds at most) until that happened once."""
+    images = [png(image) for image in test_set.data.numpy()[:12]]
+    alone = [requests.post(one_worker.url + "/predict", data=image, headers=PNG, timeout=10).json() for image in images]
+
+    def post_all() -> list:
+        start = threading.Barrier(len(images))
+        answers: list = [None] * len(images)
+
+        def client(index: int) -> None:
+            with socket.create_connection(("127.0.0.1", one_worker.port), timeout=10) as sock:
+                start.wait()
+                sock.sendall(raw_post("/predict", images[index]))
+                answers[index] = read_answer(sock)
+
+        threads = [threading.Thread(target=client, args=(index,)) for index in range(len(images))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return answers
+
+    for _round in range(10):
+        passes_before, ones_before = batch_sizes(one_worker)
+        answers = post_all()
+        passes, ones = batch_sizes(one_worker)
+        for answer, own in zip(answers, alone, strict=True):
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ")
+            got = json.loads(body)
+            assert (got["label"], got["uncertain"]) == (own["label"], own["uncertain"])
+            np.testing.assert_allclose(
+                list(got["probabilities"].values()), list(own["probabilities"].values()), rtol=0, atol=1e-6
+            )
+        if passes - passes_before < len(images):
+            break
+    assert passes - passes_before < len(images), "every request had a forward pass of its own in ten rounds"
+    assert passes - passes_before > ones - ones_before  # at least one pass of several images
+
+
+def test_connections_that_send_nothing_do_not_hold_the_worker(start_gunicorn, bundled_model_dir, test_set):
+    """A sync worker would wait on the first silent connection; here they wait in the poller, the other
+    clients are answered, and the silent ones are closed after the keep-alive time."""
+    server = start_gunicorn(bundled_model_dir, workers=1, env={"GUNICORN_CMD_ARGS": "--keep-alive 1"})
+    silent = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(3)]
+    try:
+        answer = requests.post(server.url + "/predict", data=png(test_set.data.numpy()[0]), headers=PNG, timeout=10)
+        assert answer.status_code == 200
+        for sock in silent:
+            assert sock.recv(1) == b""  # closed by the server (within the 10 s timeout, or recv raises)
+    finally:
+        for sock in silent:
+            sock.close()
