@@ -1,18 +1,19 @@
 """Ending a connection as soon as its answer is sent, when nothing the client sent is left unread.
 
-gunicorn's sync worker answers one request per connection and then closes it carefully (RFC 9112
-section 9.6, ``gunicorn.util.close_graceful``): it sends its FIN, then keeps reading until the
-client closes too, for up to 2 s. Bytes the client is still sending would otherwise reach a
-closed socket, and the kernel's reset could destroy the answer before the client reads it. The
-worker takes no other request meanwhile. A client that sent exactly its request has nothing more
-to send, though, and waiting for its FIN holds the worker for a round trip through the client
-(under load, until the client's process is scheduled again), or for the full 2 s when the client
-keeps the connection open.
+A connection ends with its answer when the client asks for that (``Connection: close``; the proxy in
+front does, once per request) or when the request was refused before its body was read
+(service/worker.py). gunicorn then closes it carefully (RFC 9112 section 9.6): it sends its FIN, then
+keeps reading until the client closes too, for up to 2 s. Bytes the client is still sending would
+otherwise reach a closed socket, and the kernel's reset could destroy the answer before the client
+reads it. A client that sent exactly its request has nothing more to send, though, and waiting for its
+FIN costs a round trip through the client (under load, until the client's process is scheduled again),
+or the full 2 s when the client keeps the connection open: a sync worker takes no other request
+meanwhile, and the service's worker keeps the connection in its poller.
 
 So after each answer ``post_request`` (gunicorn's hook of that name) checks what nginx checks
 before its own lingering close: the request's body was read to its end, gunicorn holds no bytes
 read past the request, and the kernel has none waiting. Then the socket's read side is shut,
-which ends gunicorn's drain at once; in every other case gunicorn lingers as before.
+which ends the careful close at once; in every other case it lingers as before.
 """
 
 from __future__ import annotations

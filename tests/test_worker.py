@@ -152,6 +152,10 @@ def test_concurrent_requests_are_answered_as_alone_in_fewer_forward_passes(one_w
     images = [png(image) for image in test_set.data.numpy()[:12]]
     alone = [requests.post(one_worker.url + "/predict", data=image, headers=PNG, timeout=10).json() for image in images]
 
+    # Every other client through Flask (a percent-encoded option), each asking for its own top_k: a request
+    # parked at the model while others run must keep its own request context.
+    paths = [f"/predict?top_k=%3{index % 5 + 1}" if index % 2 else "/predict" for index in range(len(images))]
+
     def post_all() -> list:
         start = threading.Barrier(len(images))
         answers: list = [None] * len(images)
@@ -159,7 +163,7 @@ def test_concurrent_requests_are_answered_as_alone_in_fewer_forward_passes(one_w
         def client(index: int) -> None:
             with socket.create_connection(("127.0.0.1", one_worker.port), timeout=10) as sock:
                 start.wait()
-                sock.sendall(raw_post("/predict", images[index]))
+                sock.sendall(raw_post(paths[index], images[index]))
                 answers[index] = read_answer(sock)
 
         threads = [threading.Thread(target=client, args=(index,)) for index in range(len(images))]
@@ -173,11 +177,12 @@ def test_concurrent_requests_are_answered_as_alone_in_fewer_forward_passes(one_w
         passes_before, ones_before = batch_sizes(one_worker)
         answers = post_all()
         passes, ones = batch_sizes(one_worker)
-        for answer, own in zip(answers, alone, strict=True):
+        for index, (answer, own) in enumerate(zip(answers, alone, strict=True)):
             head, _, body = answer.partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200 ")
             got = json.loads(body)
             assert (got["label"], got["uncertain"]) == (own["label"], own["uncertain"])
+            assert len(got.get("top_k", ())) == (index % 5 + 1 if index % 2 else 0)
             np.testing.assert_allclose(
                 list(got["probabilities"].values()), list(own["probabilities"].values()), rtol=0, atol=1e-6
             )
