@@ -179,11 +179,13 @@ def test_counts_add_up_across_two_workers(server, model_dir, test_set):
     assert delta(requests_total, endpoint="/metrics", method="GET", status="200") == 1
     assert delta("fashion_http_request_duration_seconds_count", endpoint="/predict") == 60
 
-    # 40 single images + 10 batches of 3 + 20 v2 batches of 2: 70 forward passes, 110 images.
-    assert delta("fashion_inference_duration_seconds_count") == 70
-    assert delta("fashion_inference_batch_size_count") == 70
+    # 40 single images + 10 batches of 3 + 20 v2 batches of 2: 110 images, in 70 forward passes at most:
+    # requests that reach the model at the same moment share one (service/batching.py).
+    passes = delta("fashion_inference_batch_size_count")
+    assert 0 < passes <= 70
+    assert delta("fashion_inference_duration_seconds_count") == passes
     assert delta("fashion_inference_batch_size_sum") == 110
-    assert delta("fashion_inference_batch_size_bucket", le="1.0") == 40
+    assert delta("fashion_inference_batch_size_bucket", le="1.0") <= 40
     assert delta("fashion_prediction_confidence_count") == 110
     assert delta("fashion_predictions_total") == 110
 
