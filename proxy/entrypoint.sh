@@ -24,7 +24,7 @@ set -eu
 : "${PROXY_DRAIN_TIMEOUT:=45s}"
 : "${PROXY_RETRIES:=30}"
 : "${PROXY_BUFFER_BYTES:=65536}"
-: "${PROXY_REQUESTS_PER_WORKER:=1}"
+: "${PROXY_REQUESTS_PER_WORKER:=8}"
 
 fail() {
     echo "fashion-proxy: configuration error: $1" >&2

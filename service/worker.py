@@ -42,6 +42,9 @@ from service import batching
 # many bytes (gunicorn.util.close_graceful's bounds).
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 65536
+# Connections taken from the listening socket per poll at most, so that requests on new connections (one
+# per request through the proxy) are batched too, without one worker taking a whole burst.
+ACCEPT_AT_ONCE = 16
 
 
 class NoPool:
@@ -72,18 +75,35 @@ class BatchingWorker(ThreadWorker):
     # ------------------------------------------------------------------ connections in
 
     def accept(self, listener: socket.socket) -> None:
-        """A new connection waits in the poller until it sends something (gthread would block a thread on it)."""
-        try:
-            client, address = listener.accept()
-        except OSError as error:
-            if error.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
-                raise
-            return
-        self.nr_conns += 1
-        conn = TConn(self.cfg, client, address, listener.getsockname())  # non-blocking until it is served
-        conn.timeout = time.monotonic() + self.cfg.keepalive
-        self.pending_conns.append(conn)
-        self.poller.register(client, selectors.EVENT_READ, partial(self.on_pending_socket_readable, conn))
+        """Every connection waiting (up to ACCEPT_AT_ONCE): those whose first bytes came with them are
+        served in this poll, together; the others wait in the poller until they send something (gthread
+        would block a thread on each)."""
+        for _ in range(ACCEPT_AT_ONCE):
+            try:
+                client, address = listener.accept()
+            except OSError as error:
+                if error.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                    raise
+                return
+            self.nr_conns += 1
+            conn = TConn(self.cfg, client, address, listener.getsockname())  # non-blocking until it is served
+            try:
+                arrived = client.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                arrived = None
+            except OSError:
+                arrived = b""
+            if arrived == b"":  # closed (or reset) before it sent anything
+                self.close(conn)
+            elif arrived:  # the request came with the connection (a proxy's, or any quick client's)
+                conn.data_ready = True
+                self.enqueue_req(conn)
+            else:
+                conn.timeout = time.monotonic() + self.cfg.keepalive
+                self.pending_conns.append(conn)
+                self.poller.register(client, selectors.EVENT_READ, partial(self.on_pending_socket_readable, conn))
+            if self.nr_conns >= self.worker_connections:
+                return
 
     def enqueue_req(self, conn: TConn) -> None:
         """Serve the request waiting on ``conn`` in a greenlet of its own, until it parks at the model or ends."""
@@ -156,34 +176,31 @@ class BatchingWorker(ThreadWorker):
             return
         conn.timeout = time.monotonic() + LINGER_SECONDS
         conn.drained = 0
-        if self.drain(conn):
-            self.lingering.append(conn)
-            self.poller.register(sock, selectors.EVENT_READ, partial(self.on_lingering_readable, conn))
+        if self.drained(conn):
+            self.close(conn)
+            return
+        self.lingering.append(conn)
+        self.poller.register(sock, selectors.EVENT_READ, partial(self.on_lingering_readable, conn))
 
-    def drain(self, conn: TConn) -> bool:
-        """Read what has arrived; False (and closed) once the client has closed, or the cap is reached."""
+    def drained(self, conn: TConn) -> bool:
+        """Read what has arrived; True once the client has closed, the cap is reached or the socket failed."""
         try:
             while conn.drained < LINGER_BYTES:
                 data = conn.sock.recv(LINGER_BYTES)
                 if not data:
-                    break
+                    return True
                 conn.drained += len(data)
-            else:
-                self.close(conn)
-                return False
         except BlockingIOError:
-            return True
+            return False
         except OSError:
             pass
-        self.close(conn)
-        return False
+        return True
 
     def on_lingering_readable(self, conn: TConn, sock: socket.socket) -> None:
-        self.poller.unregister(sock)
-        self.lingering.remove(conn)
-        if self.drain(conn):
-            self.lingering.append(conn)
-            self.poller.register(sock, selectors.EVENT_READ, partial(self.on_lingering_readable, conn))
+        if self.drained(conn):
+            self.poller.unregister(sock)
+            self.lingering.remove(conn)
+            self.close(conn)
 
     def close(self, conn: TConn) -> None:
         self.nr_conns -= 1
@@ -209,7 +226,7 @@ def _closing_unread(app: Callable) -> Callable:
         body = environ.get("wsgi.input")  # gunicorn's Body (the app may put a copy of what it read in its place)
 
         def start(status: str, headers: list, exc_info: Any = None) -> Any:
-            if not _body_read(getattr(body, "reader", None), reader_given=True):
+            if not _read_to_end(getattr(body, "reader", None)):
                 start_response.__self__.force_close()  # gunicorn's Response, before its headers are written
             return start_response(status, headers, exc_info)
 
@@ -224,14 +241,12 @@ def _done(value: Any) -> futures.Future:
     return future
 
 
-def _body_read(parser_or_reader: Any, reader_given: bool = False) -> bool:
-    """Whether the current request's body was read to its end (a Content-Length body with nothing left),
-    from the connection's parser, or from the body's reader itself."""
-    if reader_given:
-        reader = parser_or_reader
-    else:
-        body = getattr(getattr(parser_or_reader, "mesg", None), "body", None)
-        if body is None or getattr(body, "failed", False):
-            return False
-        reader = body.reader
+def _read_to_end(reader: Any) -> bool:
+    """Whether a request body's reader has nothing left: a Content-Length body read to its end."""
     return isinstance(reader, LengthReader) and reader.length == 0
+
+
+def _body_read(parser: Any) -> bool:
+    """Whether the connection's current request had its body read to its end."""
+    body = getattr(getattr(parser, "mesg", None), "body", None)
+    return body is not None and not getattr(body, "failed", False) and _read_to_end(body.reader)
