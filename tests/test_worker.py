@@ -145,6 +145,21 @@ def test_a_connection_is_kept_for_the_next_request(one_worker, test_set):
         connection.close()
 
 
+def test_pipelined_requests_on_one_connection_are_answered_in_order(one_worker, test_set):
+    """Requests sent back to back before any answer (HTTP/1.1 pipelining): the next one is already read
+    when the first is answered, and the loop serves it from there."""
+    images = [png(image) for image in test_set.data.numpy()[:3]]
+    alone = [requests.post(one_worker.url + "/predict", data=image, headers=PNG, timeout=10).json() for image in images]
+    with socket.create_connection(("127.0.0.1", one_worker.port), timeout=10) as sock:
+        sock.sendall(b"".join(raw_post("/predict", image) for image in images))
+        stream = sock.makefile("rb")  # one buffer for all the answers: a read may reach into the next one
+        for own in alone:
+            assert stream.readline().startswith(b"HTTP/1.1 200 ")
+            headers = dict(line.decode().split(":", 1) for line in iter(stream.readline, b"\r\n"))
+            body = stream.read(int(headers["Content-Length"]))
+            assert json.loads(body)["label"] == own["label"]
+
+
 def test_concurrent_requests_are_answered_as_alone_in_fewer_forward_passes(one_worker, test_set):
     """Clients posting at the same moment get the answers they get one at a time, and the worker runs
     them through the model together: some forward pass had more than one image. Concurrency is up to
