@@ -93,6 +93,10 @@ class Verdicts:
     calibrated: list[float]  # per image: softmax(logits / T) at the argmax
     reasons: list[str | None]  # per image: None (certain), NOT_A_GARMENT or LOW_CONFIDENCE
 
+    def rows(self, start: int, end: int) -> Verdicts:
+        """The verdicts of images ``start:end`` (a batch's share of a larger one)."""
+        return Verdicts(self.probabilities[start:end], self.calibrated[start:end], self.reasons[start:end])
+
 
 class Judge:
     """Turns a batch's inputs and logits into Verdicts; one per loaded model."""

@@ -78,13 +78,8 @@ class Batcher:
         start = 0
         for (request, *_), batch in zip(chunk, inputs, strict=True):
             end = start + len(batch)
-            request.switch(rows(verdicts, start, end))
+            request.switch(verdicts.rows(start, end))
             start = end
-
-
-def rows(verdicts: Verdicts, start: int, end: int) -> Verdicts:
-    """The verdicts of rows ``start:end``."""
-    return Verdicts(verdicts.probabilities[start:end], verdicts.calibrated[start:end], verdicts.reasons[start:end])
 
 
 def _chunks(group: list) -> list[list]:

@@ -1,8 +1,8 @@
 """Ending a connection as soon as its answer is sent, when nothing the client sent is left unread.
 
-A connection ends with its answer when the client asks for that (``Connection: close``; the proxy in
-front does, once per request) or when the request was refused before its body was read
-(service/worker.py). gunicorn then closes it carefully (RFC 9112 section 9.6): it sends its FIN, then
+A connection ends with its answer when the client asks for that (``Connection: close``) or when the
+request was refused before its body was read (service/worker.py); a sync worker ends every one.
+gunicorn then closes it carefully (RFC 9112 section 9.6): it sends its FIN, then
 keeps reading until the client closes too, for up to 2 s. Bytes the client is still sending would
 otherwise reach a closed socket, and the kernel's reset could destroy the answer before the client
 reads it. A client that sent exactly its request has nothing more to send, though, and waiting for its
@@ -34,20 +34,25 @@ def post_request(worker: Any, req: Any, environ: dict, resp: Any) -> None:
         pass
 
 
+def body_read_to_end(body: Any) -> bool:
+    """Whether a request's body (gunicorn's ``Body``, None before one was parsed) was read to its end: its
+    Content-Length all read, or none to read. False for a chunked body, whose end is not known here, and
+    for one whose reading failed."""
+    if body is None or getattr(body, "failed", False):
+        return False
+    if isinstance(body.reader, LengthReader):
+        return body.reader.length == 0
+    return isinstance(body.reader, EOFReader)
+
+
 def nothing_left_to_read(req: Any, resp: Any) -> bool:
     """Whether the connection ends with this complete answer and all the client sent has been read."""
     if resp is None or not resp.headers_sent or not resp.should_close():
         return False  # no answer yet (gunicorn writes its error page next), or a connection kept alive
     if resp.response_length is not None and resp.sent < resp.response_length:
         return False
-    body = getattr(req, "body", None)
-    if body is None or body.failed:
-        return False
-    if isinstance(body.reader, LengthReader):
-        if body.reader.length:
-            return False  # a body not read to its end (e.g. refused by its Content-Length): more may come
-    elif not isinstance(body.reader, EOFReader):
-        return False  # a chunked body: its end is not known here
+    if not body_read_to_end(getattr(req, "body", None)):
+        return False  # e.g. refused by its Content-Length before it was read: more may come
     unreader = req.unreader
     sock = getattr(unreader, "sock", None)
     if not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket):

@@ -87,9 +87,10 @@ timeout = _settings.timeout
 graceful_timeout = _settings.graceful_timeout
 # Recycle workers now and then so a slow leak (in a library, or a fragmenting heap) cannot grow
 # for ever; the jitter keeps them from restarting all at once. Rarely: a worker's memory stays flat
-# over 120,000 requests, and a worker answers about 1,300 requests a second under load, so at 20,000
-# it was replaced every 15 s, each time with a model load and probe, new per-worker metric series and
-# a dead worker's metric files for every scrape to merge. At 1,000,000: about every 13 minutes.
+# over 120,000 requests, and a sync worker answered about 1,300 requests a second under load, so at
+# 20,000 it was replaced every 15 s, each time with a model load and probe, new per-worker metric series
+# and a dead worker's metric files for every scrape to merge. At 1,000,000, and the batching worker's
+# 2,100-2,300 a second under bench_serving's load (the README): about every 7-8 minutes.
 max_requests = 1_000_000
 max_requests_jitter = 100_000
 preload_app = False

@@ -28,15 +28,14 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent import futures
 from functools import partial
 from typing import Any
 
 import greenlet
-from gunicorn.http.body import LengthReader
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from service import batching
+from service.connections import body_read_to_end
 
 # How long a connection that is closing reads on for bytes its client is still sending, at most, and how
 # many bytes (gunicorn.util.close_graceful's bounds).
@@ -113,8 +112,9 @@ class BatchingWorker(ThreadWorker):
         greenlet.greenlet(self.serve, parent=self.hub).switch(conn)
 
     def serve(self, conn: TConn) -> None:
-        keep = self.handle(conn)  # gthread's: parse, call the app, write; False when the connection ends
-        self.finish_request(conn, _done(keep))
+        # gthread's handle (parse, call the app, write; False when the connection ends), then what
+        # gthread's finish_request does with its result, without the thread pool's Future around it.
+        self.after_request(conn, self.handle(conn))
 
     def handle(self, conn: TConn) -> bool:
         """gthread's ``handle``, and like the sync worker's an answer for what it lets through: the
@@ -142,14 +142,14 @@ class BatchingWorker(ThreadWorker):
     # ------------------------------------------------------------------ connections out
 
     def _keepalive_after(self, conn: TConn, keepalive: bool) -> bool:
-        """Keep the connection only when its request's body was read to its end; gthread would read the rest
-        here, blocking the loop on the client. Otherwise it lingers in the poller (``linger``)."""
-        return keepalive and _body_read(conn.parser)
+        """Keep the connection only when its request's body was read to its end, where gthread would read the
+        rest here, blocking the loop on the client; otherwise it lingers in the poller (``linger``). The
+        backstop of ``_closing_unread``, which has already told such a client the connection ends."""
+        return keepalive and body_read_to_end(getattr(conn.parser.mesg, "body", None))
 
-    def finish_request(self, conn: TConn, fs: futures.Future) -> None:
+    def after_request(self, conn: TConn, keep: bool) -> None:
         """Back to the poller for its next request, or closed."""
         try:
-            keep = fs.result()
             if keep and conn.parser.unreader.buf.getvalue():
                 self.enqueue_req(conn)  # its next request came with this one
                 return
@@ -161,8 +161,7 @@ class BatchingWorker(ThreadWorker):
             else:
                 self.linger(conn)
         except Exception:
-            self.nr_conns -= 1
-            conn.close()
+            self.close(conn)
 
     def linger(self, conn: TConn) -> None:
         """Close as gunicorn's close_graceful does (FIN, then read on until the client closes, 2 s and 64 KiB
@@ -226,27 +225,10 @@ def _closing_unread(app: Callable) -> Callable:
         body = environ.get("wsgi.input")  # gunicorn's Body (the app may put a copy of what it read in its place)
 
         def start(status: str, headers: list, exc_info: Any = None) -> Any:
-            if not _read_to_end(getattr(body, "reader", None)):
+            if not body_read_to_end(body):
                 start_response.__self__.force_close()  # gunicorn's Response, before its headers are written
             return start_response(status, headers, exc_info)
 
         return app(environ, start)
 
     return unread_closes
-
-
-def _done(value: Any) -> futures.Future:
-    future: futures.Future = futures.Future()
-    future.set_result(value)
-    return future
-
-
-def _read_to_end(reader: Any) -> bool:
-    """Whether a request body's reader has nothing left: a Content-Length body read to its end."""
-    return isinstance(reader, LengthReader) and reader.length == 0
-
-
-def _body_read(parser: Any) -> bool:
-    """Whether the connection's current request had its body read to its end."""
-    body = getattr(getattr(parser, "mesg", None), "body", None)
-    return body is not None and not getattr(body, "failed", False) and _read_to_end(body.reader)
