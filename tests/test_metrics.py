@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import requests
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 from fashion.checkpoint import MODEL_NAME, load_checkpoint
 from fashion.contract import CLASS_NAMES, NUM_CLASSES
@@ -20,18 +19,9 @@ from fashion.trust import LOW_CONFIDENCE, NOT_A_GARMENT, Verdicts
 from service import metrics as service_metrics
 from service import multiprocess
 from testing.images import png
+from testing.metrics import samples, value
 from testing.models import TOY_MODEL_ENV, random_model_dir
 from testing.server import start_server
-
-
-def samples(text: str) -> list:
-    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
-
-
-def value(text: str, name: str, **labels) -> float:
-    """The sum of the samples called ``name`` whose labels include ``labels``."""
-    return sum(s.value for s in samples(text) if s.name == name and labels.items() <= s.labels.items())
-
 
 # --------------------------------------------------------------------------- no server
 

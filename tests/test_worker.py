@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import requests
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 from fashion.contract import pixel_rows_to_input
 from service import batching
 from service.model import ModelRunner
 from testing.attacks import raw_post, read_answer
 from testing.images import png
+from testing.metrics import value
 
 PNG = {"Content-Type": "image/png"}
 
@@ -116,14 +116,8 @@ def test_outside_a_worker_predict_calls_the_model_directly(runner, test_set):
 def batch_sizes(server) -> tuple[float, float]:
     """(forward passes, passes of one image) from the server's /metrics."""
     text = requests.get(server.url + "/metrics", timeout=10).text
-    passes = ones = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "fashion_inference_batch_size_count":
-                passes += sample.value
-            elif sample.name == "fashion_inference_batch_size_bucket" and sample.labels["le"] == "1.0":
-                ones += sample.value
-    return passes, ones
+    passes = value(text, "fashion_inference_batch_size_count")
+    return passes, value(text, "fashion_inference_batch_size_bucket", le="1.0")
 
 
 @pytest.fixture
