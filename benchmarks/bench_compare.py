@@ -85,7 +85,8 @@ def main(args: argparse.Namespace) -> dict:
     for name, r in results.items():
         line = (
             f"{name:>16}: {r['rps']:>7,.0f} req/s at {args.connections[0]} connections, p99 {r['p99_ms']:.1f} ms, "
-            f"worker CPU {r['cpu_us_per_request']:.0f} us/request"
+            f"worker CPU {r['cpu_us_per_request']:.0f} us/request; slowest run {min(r['rps_all']):,} req/s, "
+            f"connections per worker in each run: {' '.join('/'.join(map(str, split)) for split in r['splits'])}"
         )
         if args.batch:
             line += f"; batches of 64: {r['images_per_s']:,.0f} images/s"

@@ -186,9 +186,15 @@ def run_wrk(
         handle.url + path,
     ]
     cpu_before = worker_cpu_seconds(handle)
-    output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+    wrk = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(args.duration / 2)
+    split = handle.connections_per_worker()  # mid-run: how wrk's connections are spread over the workers
+    output, errors = wrk.communicate()
     cpu_after = worker_cpu_seconds(handle)
+    if wrk.returncode:
+        raise subprocess.CalledProcessError(wrk.returncode, command, output, errors)
     result = json.loads(output.strip().splitlines()[-1])
+    result["split"] = split
     # Only meaningful when no worker was recycled (max_requests) during the run.
     same_workers = cpu_before.keys() == cpu_after.keys()
     cpu = sum(cpu_after.values()) - sum(cpu_before.values())
@@ -228,7 +234,14 @@ def medians(runs: list[dict]) -> dict:
         "cpu_us_per_request": statistics.median(cpu) if cpu else float("nan"),
         "failed": sum(r["failed"] for r in runs),
         "rps_all": [round(r["rps"]) for r in runs],
+        "splits": [r["split"] for r in runs],
+        "most_uneven_split": "/".join(map(str, max((r["split"] for r in runs), key=unevenness))),
     }
+
+
+def unevenness(split: list[int]) -> int:
+    """How far apart the workers holding the most and the fewest connections were (0: even)."""
+    return max(split) - min(split) if split else 0
 
 
 def pss_mb(handle: ServerHandle) -> float:
@@ -349,7 +362,7 @@ def report(results: dict) -> None:
     print("(ceiling* and naive*: the same apps on gunicorn's own defaults, without the project's config)")
     print(
         f"{'connections':>11} | {'server':>8} | {'req/s':>7} | {'vs ceiling':>10} | {'p50 ms':>6} | {'p99 ms':>6} | "
-        "worker CPU us/req | failed"
+        "worker CPU us/req | failed | connections per worker (most uneven run)"
     )
     for connections, row in results["single"].items():
         ratios = {"ceiling": 1.0, "service": row["ratio"]}
@@ -359,7 +372,7 @@ def report(results: dict) -> None:
             r = row[name]
             print(
                 f"{connections:>11} | {name:>8} | {r['rps']:>7,.0f} | {ratios[name]:>10.2f} | {r['p50_ms']:>6.2f} | "
-                f"{r['p99_ms']:>6.2f} | {r['cpu_us_per_request']:>17.0f} | {r['failed']}"
+                f"{r['p99_ms']:>6.2f} | {r['cpu_us_per_request']:>17.0f} | {r['failed']:>6} | {r['most_uneven_split']}"
             )
         print(f"{'':>11} | service / naive: {row['vs_naive']:.2f}x")
         if "ratio*" in row:

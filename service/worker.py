@@ -35,6 +35,7 @@ import greenlet
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from service import batching
+from service.balance import TABLE, Share
 from service.connections import body_read_to_end
 
 # How long a connection that is closing reads on for bytes its client is still sending, at most, and how
@@ -62,6 +63,8 @@ class BatchingWorker(ThreadWorker):
         batching.install(self.batcher)
         self.ready: deque[TConn] = deque()  # connections with a request to serve, found by a request's greenlet
         self.lingering: deque[TConn] = deque()
+        self.share = Share(TABLE, TABLE.slot_for(self.age))
+        self.to_hand_back = 0  # kept-alive connections to close after their next answer (balance.py)
         super().init_process()
 
     def get_thread_pool(self) -> NoPool:
@@ -130,8 +133,20 @@ class BatchingWorker(ThreadWorker):
 
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
         """One poll: start every request that is ready, then answer the ones parked at the model."""
+        if self.alive:  # what this worker holds, for the others; whether it holds more than its share
+            excess = self.share.excess(self.nr_conns - len(self.lingering), time.monotonic())
+            if excess is not None:
+                self.to_hand_back = excess
         super().wait_for_and_dispatch_events(timeout)
         self.run_ready()
+
+    def handle_request(self, req: Any, conn: TConn) -> bool:
+        """gthread's, with ``Connection: close`` on the answer when this worker hands the connection back
+        (balance.py): its client reconnects, and a worker with fewer connections takes it."""
+        if self.to_hand_back and getattr(conn, "kept", False):
+            self.to_hand_back -= 1
+            req.must_close = True
+        return super().handle_request(req, conn)
 
     def run_ready(self) -> None:
         while self.ready or self.batcher.parked:
@@ -154,6 +169,7 @@ class BatchingWorker(ThreadWorker):
                 self.enqueue_req(conn)  # its next request came with this one
                 return
             if keep:
+                conn.kept = True
                 conn.sock.setblocking(False)
                 conn.set_timeout()
                 self.keepalived_conns.append(conn)
@@ -204,6 +220,11 @@ class BatchingWorker(ThreadWorker):
     def close(self, conn: TConn) -> None:
         self.nr_conns -= 1
         conn.close()
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        super().set_accept_enabled(enabled)
+        if not self.alive:  # stopping: the other workers stop counting this one
+            self.share.leave()
 
     def murder_pending(self) -> None:
         """gthread's timeouts for connections waiting for their first bytes, and the same for lingering ones."""

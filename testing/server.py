@@ -98,6 +98,19 @@ class ServerHandle:
             return []
         return [int(pid) for pid in children]
 
+    def connections_per_worker(self) -> list[int]:
+        """Established client connections each worker holds on the server's port, fewest first."""
+        import psutil  # a test and benchmark dependency, not one of the service
+
+        counts = []
+        for pid in self.worker_pids():
+            try:
+                held = psutil.Process(pid).connections(kind="tcp")
+            except psutil.NoSuchProcess:  # recycled meanwhile
+                continue
+            counts.append(sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == self.port for c in held))
+        return sorted(counts)
+
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM (graceful shutdown) and wait; SIGKILL after ``timeout``. Returns the exit status."""
         if self.process.poll() is None:

@@ -7,6 +7,7 @@ import http.client
 import json
 import socket
 import threading
+import time
 
 import greenlet
 import numpy as np
@@ -15,7 +16,7 @@ import requests
 import torch
 
 from fashion.contract import pixel_rows_to_input
-from service import batching
+from service import balance, batching
 from service.model import ModelRunner
 from testing.attacks import raw_post, read_answer
 from testing.images import png
@@ -108,6 +109,24 @@ def test_outside_a_worker_predict_calls_the_model_directly(runner, test_set):
     batching.install(None)
     verdicts = runner.predict(runner.current, inputs_of(test_set, 0, 2))
     assert len(verdicts.calibrated) == 2
+
+
+def test_a_worker_hands_back_what_it_holds_above_an_even_share():
+    table = balance.ConnectionTable(slots=8)
+    mine, other = balance.Share(table, 1), balance.Share(table, 2)
+    assert mine.excess(20, now=100.0) == 0  # alone: nothing to compare with
+    other.excess(12, now=100.0)
+    assert mine.excess(20, now=100.005) is None  # judged 5 ms ago
+    assert mine.excess(20, now=100.02) == 20 - 16 - balance.SLACK  # 32 held between two: 16 each
+    assert mine.excess(17, now=100.05) is None  # settling while its clients reconnect
+    other.excess(15, now=100.1)  # the three reconnected to the other worker
+    assert mine.excess(17, now=100.2) == 0  # within the slack of 16
+    assert other.excess(15, now=100.2) == 0  # fewer than its share: keeps them all
+
+    assert mine.excess(30, now=100.2 + balance.STALE_SECONDS + 0.5) == 0  # the other's loop stopped
+    other.excess(2, now=200.0)
+    other.leave()  # stopping
+    assert mine.excess(30, now=200.1) == 0
 
 
 # ------------------------------------------------------------------ through gunicorn
@@ -214,3 +233,50 @@ def test_connections_that_send_nothing_do_not_hold_the_worker(start_gunicorn, bu
     finally:
         for sock in silent:
             sock.close()
+
+
+def test_kept_alive_connections_are_shared_between_the_workers(start_gunicorn, bundled_model_dir, test_set):
+    """32 clients connecting at once and posting again as soon as they are answered, on the same connection
+    unless told ``Connection: close`` (wrk, a client's pool): after a second, each of the two workers
+    holds about half of the connections. Left to the kernel, whichever worker was awake took most of a
+    burst, up to all 32, and kept them (service/balance.py)."""
+    server = start_gunicorn(bundled_model_dir, workers=2)
+    deadline = time.monotonic() + 60
+    while server.log_text().count('"serving model') < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)  # both workers have loaded the model and are about to poll
+    time.sleep(1.0)
+    body = raw_post("/predict", png(test_set.data.numpy()[0]))
+
+    def connect() -> socket.socket:
+        return socket.create_connection(("127.0.0.1", server.port), timeout=10)
+
+    def post_on_all(clients: list) -> int:
+        """One request on every connection; a connection the server closes is replaced. How many were."""
+        for sock in clients:
+            sock.sendall(body)
+        replaced = 0
+        for index, sock in enumerate(clients):
+            head = read_answer(sock).split(b"\r\n\r\n", 1)[0].lower()
+            assert head.startswith(b"http/1.1 200 ")
+            if b"\r\nconnection: close" in head:
+                sock.close()
+                clients[index] = connect()
+                replaced += 1
+        return replaced
+
+    for _burst in range(3):
+        clients = [connect() for _ in range(32)]
+        try:
+            end = time.monotonic() + 1.0
+            rounds = 0
+            while time.monotonic() < end and rounds < 500:
+                post_on_all(clients)
+                rounds += 1
+            for _last in range(10):  # until every connection has been answered and kept
+                if not post_on_all(clients):
+                    break
+            held = server.connections_per_worker()
+        finally:
+            for sock in clients:
+                sock.close()
+        assert sum(held) == 32 and held[0] >= 12, f"connections per worker: {held}"
