@@ -235,12 +235,13 @@ def medians(runs: list[dict]) -> dict:
         "failed": sum(r["failed"] for r in runs),
         "rps_all": [round(r["rps"]) for r in runs],
         "splits": [r["split"] for r in runs],
-        "most_uneven_split": "/".join(map(str, max((r["split"] for r in runs), key=unevenness))),
+        "most_uneven_split": "/".join(map(str, max((r["split"] for r in runs), key=unevenness))) or "-",
     }
 
 
 def unevenness(split: list[int]) -> int:
-    """How far apart the workers holding the most and the fewest connections were (0: even)."""
+    """How far apart the workers holding the most and the fewest connections were (0: even). Sync workers
+    (``ceiling*``, ``naive*``) hold a connection only while they answer it, so theirs read 0/0 or 1/0."""
     return max(split) - min(split) if split else 0
 
 

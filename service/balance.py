@@ -3,9 +3,9 @@ holding more than its share of kept-alive connections hands some back to the oth
 
 Every worker waits on the same listening socket, and the kernel hands a new connection to whichever
 worker calls ``accept`` first: often the one that is already awake. With connections kept alive (wrk,
-a client's pool, another service's), that choice lasts as long as the connection: a burst of 32
-connections was measured split 32/0, 2/30, 10/22 and 9/23 between two workers, and the worker holding
-all 32 served them at the speed of one (README: "Connections shared between the workers").
+a client's pool, another service's), that choice lasts as long as the connection: wrk's 32
+connections were split 0/32 or 9/23 between two workers in half the runs measured, and a worker holding
+all 32 serves them at the speed of one (README: "Connections shared between the workers").
 
 So each worker reports the connections it holds; one that holds more than its share (the server's
 total over the running workers, plus ``SLACK``) answers the next requests on that many of its
@@ -13,7 +13,7 @@ kept-alive connections with ``Connection: close``. Their clients reconnect, as H
 the kernel hands the new connections to a worker that is waiting for them, not to the busy one. Only
 connections that have been kept alive are handed back: clients that open a connection per request
 are spread by the kernel as they come, and limiting what a worker accepts instead made its batches
-small and cost them a third of their throughput (measured, README).
+small and cost them a quarter of their throughput (measured, README).
 
 The table is created when the master imports this module (gunicorn loads the worker class before it
 forks any worker), in an anonymous shared mapping that every worker inherits. Each worker writes only
