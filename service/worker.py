@@ -9,7 +9,8 @@ waiting; each request runs in its own greenlet up to the model, where it parks
 (``ModelRunner.predict`` -> ``batching.predict``); when every one of them has parked or finished, the
 parked inputs go through the model as one batch per served model, and each request resumes with its own
 rows and writes its answer. A request alone is a batch of one, with no wait: nothing holds it back to
-gather more.
+gather more. A worker that holds more than its share of the server's kept-alive connections closes a
+few after their next answer, so that their clients reconnect to a less busy worker (balance.py).
 
 Built on gunicorn's threaded worker (``gthread``: its poller, keep-alive, timeouts, graceful stop), with
 the requests run on the loop's own thread instead of a pool, and nothing on that thread that waits on one
