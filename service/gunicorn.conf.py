@@ -66,7 +66,10 @@ from service.multiprocess import child_exit, on_exit, prepare_directory  # noqa:
 _metrics_dir = prepare_directory()
 
 import service.app  # noqa: E402, F401  (imported in the master only to share its pages with the workers)
-from service.connections import post_request  # noqa: E402, F401  (the hook; see keepalive below)
+
+# The post_request hook: a connection that ends with its answer closes at once when nothing the client sent
+# is left unread, instead of reading on for up to 2 s until the client closes first (service/connections.py).
+from service.connections import post_request  # noqa: E402, F401
 from service.logs import ServiceGunicornLogger, logging_config  # noqa: E402
 
 bind = [f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else f"{_settings.host}:{_settings.port}"]
@@ -77,9 +80,6 @@ workers = _settings.workers
 worker_class = "service.worker.BatchingWorker"
 # Seconds an idle connection is kept for its next request, and that a new one has to send its first byte.
 keepalive = 5
-# A connection that ends with its answer: post_request (service/connections.py) lets it close at once
-# when nothing the client sent is left unread, instead of reading on for up to 2 s until the client
-# closes first.
 
 # Inference is CPU-bound and answers in milliseconds: a worker silent this long is stuck.
 timeout = _settings.timeout
@@ -90,7 +90,7 @@ graceful_timeout = _settings.graceful_timeout
 # over 120,000 requests, and a sync worker answered about 1,300 requests a second under load, so at
 # 20,000 it was replaced every 15 s, each time with a model load and probe, new per-worker metric series
 # and a dead worker's metric files for every scrape to merge. At 1,000,000, and the batching worker's
-# 2,100-2,300 a second under bench_serving's load (the README): about every 7-8 minutes.
+# 2,400-2,600 a second under bench_serving's load at 32 connections (the README): about every 6-7 minutes.
 max_requests = 1_000_000
 max_requests_jitter = 100_000
 preload_app = False
