@@ -64,17 +64,38 @@ TARGET = 0.90
 # --steps times dropout at the default MLP's rate, or, as it has none now, at the previous default's.
 TIMED_DROPOUT = RECIPES["mlp"].dropout or 0.1
 MODES = {"auto": None, "fp32": False, "bf16": True}
+# What oneDNN (bf16 products), MKL (float32 products) and ATen (the rest) may use; unset = all the CPU has.
+KERNEL_ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(name):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def cpu_name() -> str:
     """The CPU's model name, so a printed figure says which machine it came from."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def kernel_isa() -> str:
+    """The instruction sets torch's kernels may use here: the CPU's, less what the caps take away.
+
+    The same model name can train 7x apart (AMX or not), and the caps let one machine show what a
+    CPU without AMX or AVX-512 gets (README, Benchmarks), so every figure says which ran it."""
+    flags = set((_cpuinfo_field("flags") or "").split())
+    present = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
+    caps = [f"{name}={os.environ[name]}" for name in KERNEL_ISA_CAPS if os.environ.get(name)]
+    return (
+        f"CPU flags: {' '.join(present) or 'none of avx2/avx512f/avx512_bf16/amx_bf16'}; "
+        f"ATen kernels: {torch.backends.cpu.get_cpu_capability()}; "
+        + (f"capped by {' '.join(caps)}" if caps else "no cap")
+    )
 
 
 def quickstart_epoch(root: Path, device: torch.device, max_batches: int | None) -> tuple[float, float]:
@@ -268,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{cpu_name()}, {os.cpu_count()} CPUs; device {device}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {args.repeats} repeats, mode {args.mode}"
     )
+    print(kernel_isa())
     if args.steps:
         bf16 = MODES[args.mode] if MODES[args.mode] is not None else fast_bf16(device)
         step_costs(root, bf16)

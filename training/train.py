@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import io
@@ -61,6 +62,11 @@ EVAL_BATCH = 500
 BLACK = pixels_to_input(torch.zeros(1, 1, dtype=torch.uint8)).item()
 # What choosing the precision and thread count may cost at start, in seconds (measured steps).
 CALIBRATION_BUDGET_S = 0.6
+# Every mode first takes two steps on this many images; one over HOPELESS times the fastest there is
+# timed no further. bf16 on a CPU without bf16 instructions (AVX2: 5x float32's MLP step on 32 images,
+# 15x on 1024) cannot win, and its full-size steps alone would cost more than the whole budget.
+SCOUT_IMAGES = 32
+HOPELESS = 3.0
 
 
 @dataclass
@@ -524,6 +530,16 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def _thread_count_kept() -> Iterator[None]:
+    """torch's thread count as it was before the block, whatever the block set."""
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def choose_mode(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -540,8 +556,9 @@ def choose_mode(
     so background load hits all alike. A batch costs its step plus its preparation, except with one
     thread on a CPU with a core to spare, where the loop prepares the next batches beside the
     step (``prefetch_batches``) and a batch costs the longer of the two. The lowest median cost wins.
-    ``config.bf16``/``config.threads`` not None pin that choice. The random state is saved and
-    restored, so the calibration does not change the trained weights.
+    Modes far slower than the fastest on a few images (``SCOUT_IMAGES``, ``HOPELESS``) are dropped
+    before the full-size steps. ``config.bf16``/``config.threads`` not None pin that choice. The random
+    state and torch's thread count are restored, so the calibration does not change the trained weights.
     """
     precisions = [config.bf16] if config.bf16 is not None else [False, *([True] if fast_bf16(device) else [])]
     if device.type == "cuda":
@@ -558,23 +575,22 @@ def choose_mode(
     started = time.perf_counter()
     pinned = config.threads is not None
     size = min(config.batch_size, len(inputs))
-    timings: dict[tuple, list[float]] = {mode: [] for mode in modes}
     preparing: dict[tuple, list[float]] = {mode: [] for mode in modes}
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _thread_count_kept():
         trial = copy.deepcopy(model).train()
         optimizer = make_optimizer(trial, config, device)
         rows = torch.randperm(len(inputs), device=inputs.device)
         augmenting = torch.Generator().manual_seed(0)
         ahead = dropout_widths(trial) or []
 
-        def step(mode) -> float:
+        def step(mode, images: int | None = None) -> float:
             """Prepare a batch as the loop would in ``mode`` (timed into ``preparing``), then step on it."""
             bf16, threads = mode
             if threads is not None:
                 torch.set_num_threads(threads)
             _synchronize(device)
             begun = time.perf_counter()
-            chosen = rows[:size]
+            chosen = rows[: images or size]
             beside = prefetch_batches(device, threads, pinned)
             batch = prepare_batch(inputs[chosen], config, augmenting, bf16, ahead, beside)
             _synchronize(device)
@@ -584,15 +600,25 @@ def choose_mode(
             _synchronize(device)
             return time.perf_counter() - prepared
 
-        warm_up = sum(step(mode) for mode in modes)  # first calls pay for kernel selection; not counted
-        if warm_up > budget_s / 3 and size > 16:
-            # A slow model (the CNN): time fewer images per step, so the choice still costs ~budget_s.
-            size = max(16, int(size * budget_s / 6 / warm_up))
-            for mode in modes:
-                step(mode)
-        for mode in modes:
-            preparing[mode].clear()
-        for _ in range(5):
+        scout = min(size, SCOUT_IMAGES)
+        # The second of two steps: the first call at a shape pays for its kernels' selection.
+        scouted = {mode: [step(mode, scout), step(mode, scout)][1] for mode in modes}
+        dropped = [mode for mode in modes if scouted[mode] > HOPELESS * min(scouted.values())]
+        modes = sorted((mode for mode in modes if mode not in dropped), key=scouted.get)
+        # The fastest mode's first full-size step (kernel selection included, so on the high side)
+        # says whether every mode's would fit the budget. A slow model's (the CNN's) would not: then
+        # fewer images per step are timed, so the choice still costs about budget_s.
+        full_round = step(modes[0]) * len(modes)
+        if full_round > budget_s / 3 and size > 16:
+            size = max(16, int(size * budget_s / 6 / full_round))
+            warming = modes
+        else:
+            warming = modes[1:]
+        for mode in warming:
+            step(mode)  # first calls at the timed size pay for kernel selection; not counted
+        preparing = {mode: [] for mode in modes}
+        timings: dict[tuple, list[float]] = {mode: [] for mode in modes}
+        for _ in range(5 if len(modes) > 1 else 1):
             for mode in modes:
                 timings[mode].append(step(mode))
             if time.perf_counter() - started > budget_s:
@@ -617,6 +643,8 @@ def choose_mode(
         "median_step_ms": in_ms(steps),
         "median_preparation_ms": in_ms(preparations),
         "median_batch_ms": in_ms(batches),
+        "scouted_step_ms": {"images": scout, **in_ms(scouted)},
+        "dropped": [_mode_name(*mode) for mode in dropped],
         "cost_s": round(time.perf_counter() - started, 3),
     }
     return bf16, threads, record
