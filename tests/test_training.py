@@ -214,12 +214,33 @@ def test_image_folder_dataset_rejects_bad_folders_up_front(tmp_path, layout, nam
 
 def test_short_training_on_a_real_subset_beats_chance(train_set, test_set):
     model = build_model(ModelConfig(hidden_sizes=(128,)))
-    config = TrainConfig(epochs=2, batch_size=128, lr=3e-3, hflip=0.0)
+    config = TrainConfig(epochs=2, batch_size=128, lr=3e-3, hflip=0.0, shift_after=0)
     before, _, _ = evaluate(model, test_set.inputs, test_set.targets)
     history = train(model, subset(train_set, 4_000), test_set, config, torch.device("cpu"), log=lambda _: None)
     assert before < 0.25
     assert len(history) == 2 and history[-1]["test_accuracy"] > 0.70  # chance is 0.10
     assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_the_shift_starts_after_its_unshifted_epochs(train_set, test_set):
+    """--shift-after N: the first N epochs train on the images as they are, the rest shifted."""
+
+    def trained(**recipe) -> dict:
+        torch.manual_seed(2)
+        model = build_model(ModelConfig(hidden_sizes=(32,)))
+        config = TrainConfig(epochs=2, batch_size=100, seed=2, bf16=False, threads=1, ema=0.0, **recipe)
+        train(model, subset(train_set, 500), test_set, config, torch.device("cpu"), log=lambda _: None)
+        return model.state_dict()
+
+    unshifted = trained(shift=0)
+    held_back = trained(shift=1, shift_after=2)  # both epochs before the shift starts
+    second_epoch_shifted = trained(shift=1, shift_after=1)
+    assert all(torch.equal(unshifted[k], held_back[k]) for k in unshifted)
+    assert not all(torch.equal(unshifted[k], second_epoch_shifted[k]) for k in unshifted)
+    recipe = TrainConfig(shift=1, shift_after=20)
+    assert [train_module.epoch_recipe(recipe, epoch).shift for epoch in (1, 20, 21, 120)] == [0, 0, 1, 1]
+    assert RECIPES["mlp"].shift_after == 20 and RECIPES["cnn"].shift_after == 0
+    assert config_from_args(parse_args(["--shift-after", "5"])).shift_after == 5
 
 
 def test_random_shift_translates_within_bounds():
@@ -406,7 +427,9 @@ def test_same_seed_same_weights(train_set, test_set):
         torch.manual_seed(seed)
         model = build_model(ModelConfig(hidden_sizes=(32,)))
         # The mode pinned: which one the timed steps pick may differ between two runs on a busy machine.
-        config = TrainConfig(epochs=1, batch_size=100, seed=seed, bf16=False, threads=1, hflip=0.5, shift=1, ema=0.9)
+        config = TrainConfig(
+            epochs=1, batch_size=100, seed=seed, bf16=False, threads=1, hflip=0.5, shift=1, shift_after=0, ema=0.9
+        )
         train(model, subset(train_set, 1_000), test_set, config, torch.device("cpu"), log=lambda _: None)
         return model.state_dict()
 
@@ -426,7 +449,16 @@ def test_batches_prepared_on_a_second_thread_give_the_same_weights(train_set, te
         torch.manual_seed(5)
         model = build_model(architecture)
         config = TrainConfig(
-            epochs=2, batch_size=96, seed=5, bf16=bf16, threads=threads, hflip=0.5, shift=1, ema=0.9, dropout=0.2
+            epochs=2,
+            batch_size=96,
+            seed=5,
+            bf16=bf16,
+            threads=threads,
+            hflip=0.5,
+            shift=1,
+            shift_after=0,
+            ema=0.9,
+            dropout=0.2,
         )
         # With torch on one thread the only candidate is 1 thread, chosen (not pinned by --threads).
         before = torch.get_num_threads()
@@ -457,7 +489,9 @@ def test_a_stop_with_the_evaluation_behind_returns_the_weights_it_evaluated(trai
         monkeypatch.setattr(train_module, "usable_cpus", lambda: cpus)
         torch.manual_seed(8)
         model = build_model(ModelConfig(hidden_sizes=(24,)))
-        config = TrainConfig(epochs=5, batch_size=100, seed=8, bf16=False, ema=ema, hflip=0.0, dropout=0.0)
+        config = TrainConfig(
+            epochs=5, batch_size=100, seed=8, bf16=False, ema=ema, hflip=0.0, dropout=0.0, shift_after=0
+        )
         before = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -933,7 +967,7 @@ def test_a_few_training_steps_on_cuda(train_set, test_set, tmp_path):
         model,
         data,
         test_on_gpu,
-        TrainConfig(epochs=2, batch_size=256, bf16=fast_bf16(device)),
+        TrainConfig(epochs=2, batch_size=256, bf16=fast_bf16(device), shift_after=0),
         device,
         log=lambda _: None,
     )

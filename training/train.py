@@ -84,6 +84,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     hflip: float = 0.0
     shift: int = 1
+    shift_after: int = 20  # epochs on unshifted images before the shift starts (epoch_recipe)
     erase: float = 0.0
     ema: float = 0.99
     warmup: float = 0.1
@@ -115,6 +116,7 @@ RECIPES: dict[str, TrainConfig] = {
         weight_decay=5e-4,
         hflip=0.5,
         shift=2,
+        shift_after=0,
         warmup=0.3,
         hidden_sizes=(128,),
         channels=(32, 64),
@@ -182,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--hflip", type=_fraction, help=_recipe_help("probability of mirroring an image", "hflip"))
     recipe.add_argument(
         "--shift", type=_non_negative_int, help=_recipe_help("random translation of images, pixels", "shift")
+    )
+    recipe.add_argument(
+        "--shift-after",
+        type=_non_negative_int,
+        help=_recipe_help("epochs trained on unshifted images before --shift starts", "shift_after"),
     )
     recipe.add_argument(
         "--erase", type=_fraction, help=_recipe_help("probability of blanking a random rectangle", "erase")
@@ -262,6 +269,7 @@ RECIPE_OPTIONS = (
     "label_smoothing",
     "hflip",
     "shift",
+    "shift_after",
     "erase",
     "ema",
     "warmup",
@@ -386,6 +394,15 @@ def random_erase(inputs: torch.Tensor, probability: float, generator: torch.Gene
     inside_cols = (cols >= left[:, None]) & (cols < (left + w)[:, None])
     mask = (inside_rows[:, :, None] & inside_cols[:, None, :] & chosen[:, None, None]).unsqueeze(1)
     return inputs.masked_fill(mask.to(inputs.device), BLACK)
+
+
+def epoch_recipe(config: TrainConfig, epoch: int) -> TrainConfig:
+    """The recipe epoch ``epoch`` (from 1) trains with: no shift for the first ``shift_after`` epochs.
+
+    Shifted images are harder to fit while the learning rate is high: the MLP first reaches 0.90 at
+    epoch 16-18 with the shift held back for 20 epochs, against 24-27 with it from the start, and the
+    shift that follows still takes the final accuracy above 0.91 (README, Training)."""
+    return replace(config, shift=0) if epoch <= config.shift_after else config
 
 
 def augment(inputs: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
@@ -746,7 +763,7 @@ def train(
     for epoch in range(1, config.epochs + 1):
         train_mode(model, config.freeze)
         seen, correct, loss_sum = 0, 0, 0.0
-        batches = prepared_batches(loader, config, generator, ahead, prefetch)
+        batches = prepared_batches(loader, epoch_recipe(config, epoch), generator, ahead, prefetch)
         if prefetch:
             batches = prefetched(batches, spare=behind.pieces)
         bar = _progress(batches, len(loader), f"epoch {epoch}/{config.epochs}")
