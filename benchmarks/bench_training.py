@@ -297,7 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.forward:
         forward_costs()
     quick, quick_cpu, ours = [], [], []
+    threads = torch.get_num_threads()
     for repeat in range(args.repeats):
+        # train() leaves torch on the thread count it chose; each repeat starts where a fresh process
+        # would, so the quickstart loop runs on torch's default and our calibration may pick either.
+        torch.set_num_threads(threads)
         wall, cpu = quickstart_epoch(root, device, args.quickstart_batches)
         quick.append(wall)
         quick_cpu.append(cpu)
