@@ -24,13 +24,11 @@ hits both alike; medians are printed. Usage: python benchmarks/bench_training.py
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -57,6 +55,7 @@ from training.train import (
     resolve_device,
     shift_by_gather,
     shift_by_windows,
+    threads_kept,
     train,
 )
 
@@ -155,22 +154,11 @@ def our_training(root: Path, device: torch.device, seed: int, bf16: bool | None,
     }
 
 
-@contextlib.contextmanager
-def threads_for(count: int) -> Iterator[None]:
-    """Run the block on ``count`` intra-op threads, then restore the count (even if it fails)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def forward_costs(repeats: int = 2_000) -> None:
     """Median microseconds of one image through each default architecture, one thread, as service/model.py runs it."""
     from service.model import LoadedModel
 
-    with threads_for(1):
+    with threads_kept(1):
         image = torch.randn(1, 1, 28, 28)
         for arch, recipe in RECIPES.items():
             model = build_model(recipe.model_config()).eval()
@@ -297,15 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.forward:
         forward_costs()
     quick, quick_cpu, ours = [], [], []
-    threads = torch.get_num_threads()
     for repeat in range(args.repeats):
-        # train() leaves torch on the thread count it chose; each repeat starts where a fresh process
-        # would, so the quickstart loop runs on torch's default and our calibration may pick either.
-        torch.set_num_threads(threads)
         wall, cpu = quickstart_epoch(root, device, args.quickstart_batches)
         quick.append(wall)
         quick_cpu.append(cpu)
-        ours.append(our_training(root, device, seed=repeat, bf16=MODES[args.mode], stop=args.stop_at_target))
+        # train() leaves torch on the thread count it chose; the next repeat starts where a fresh process
+        # would, so the quickstart loop runs on torch's default and our calibration may pick either.
+        with threads_kept():
+            ours.append(our_training(root, device, seed=repeat, bf16=MODES[args.mode], stop=args.stop_at_target))
         run = ours[-1]
         reached = f"{run['to_target_s']:.1f}s" if run["to_target_s"] is not None else "never"
         print(

@@ -548,9 +548,11 @@ def _synchronize(device: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def _thread_count_kept() -> Iterator[None]:
-    """torch's thread count as it was before the block, whatever the block set."""
+def threads_kept(count: int | None = None) -> Iterator[None]:
+    """Run the block (on ``count`` intra-op threads, if given), then put torch's thread count back."""
     before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
     try:
         yield
     finally:
@@ -593,7 +595,7 @@ def choose_mode(
     pinned = config.threads is not None
     size = min(config.batch_size, len(inputs))
     preparing: dict[tuple, list[float]] = {mode: [] for mode in modes}
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _thread_count_kept():
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), threads_kept():
         trial = copy.deepcopy(model).train()
         optimizer = make_optimizer(trial, config, device)
         rows = torch.randperm(len(inputs), device=inputs.device)
@@ -618,8 +620,10 @@ def choose_mode(
             return time.perf_counter() - prepared
 
         scout = min(size, SCOUT_IMAGES)
-        # The second of two steps: the first call at a shape pays for its kernels' selection.
-        scouted = {mode: [step(mode, scout), step(mode, scout)][1] for mode in modes}
+        scouted = {}
+        for mode in modes:
+            step(mode, scout)  # the first call at a shape pays for its kernels' selection
+            scouted[mode] = step(mode, scout)
         dropped = [mode for mode in modes if scouted[mode] > HOPELESS * min(scouted.values())]
         modes = sorted((mode for mode in modes if mode not in dropped), key=scouted.get)
         # The fastest mode's first full-size step (kernel selection included, so on the high side)
@@ -699,10 +703,12 @@ def train(
     target). An entry's ``elapsed_s`` is when its evaluation finished: with batches prefetched, that
     evaluation runs behind the next epoch, and a stop comes at that epoch's end.
 
-    Chooses the precision and thread count first (``choose_mode``; the time counts in elapsed_s)
-    and writes the choice into ``config``. With ``config.ema`` the weights' moving average is
-    what each epoch evaluates, and it is copied into ``model`` at the end. On the CPU, ``model``'s
-    dropout layers become ``BitsDropout`` (same distribution, a third of the cost, no state).
+    Chooses the precision and thread count first (``choose_mode``; the time counts in elapsed_s),
+    writes the choice into ``config`` and leaves torch on that thread count (the CLI's trust fitting
+    and card follow it; callers that train again wrap ``train`` in ``threads_kept``). With ``config.ema``
+    the weights' moving average is what each epoch evaluates, and it is copied into ``model`` at the end.
+    On the CPU, ``model``'s dropout layers become ``BitsDropout`` (same distribution, a third of the cost,
+    no state).
     """
     model.to(device)
     if device.type == "cpu":
