@@ -52,6 +52,7 @@ from training.train import (
     optimizer_step,
     prepare_batch,
     random_shift,
+    relu_in_place,
     resolve_device,
     shift_by_gather,
     shift_by_windows,
@@ -187,9 +188,10 @@ def step_costs(root: Path, bf16: bool, rounds: int = 60) -> None:
     inputs, targets = data.inputs[: recipe.batch_size], data.target_vectors[: recipe.batch_size]
 
     def trainer(dropout: float, bits: bool, ahead: bool = False):
-        """A step of the recipe; with ``ahead``, as the step's core runs it when batches are prefetched:
-        the batch prepared beforehand by the loop's own ``prepare_batch`` (masks drawn, inputs cast), not timed."""
-        model = build_model(replace(recipe, dropout=dropout).model_config()).train()
+        """A step of the recipe, its ReLUs in place as ``train`` makes them; with ``ahead``, as the step's
+        core runs it when batches are prefetched: the batch prepared beforehand by the loop's own
+        ``prepare_batch`` (masks drawn, inputs cast), not timed."""
+        model = relu_in_place(build_model(replace(recipe, dropout=dropout).model_config()).train())
         if bits:
             use_bits_dropout(model)
         optimizer, average = make_optimizer(model, recipe, torch.device("cpu")), WeightAverage(model, recipe.ema)

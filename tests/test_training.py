@@ -65,6 +65,7 @@ from training.train import (
     parse_args,
     random_erase,
     random_shift,
+    relu_in_place,
     shift_by_gather,
     shift_by_windows,
     train,
@@ -217,6 +218,7 @@ def test_short_training_on_a_real_subset_beats_chance(train_set, test_set):
     config = TrainConfig(epochs=2, batch_size=128, lr=3e-3, hflip=0.0, shift_after=0)
     before, _, _ = evaluate(model, test_set.inputs, test_set.targets)
     history = train(model, subset(train_set, 4_000), test_set, config, torch.device("cpu"), log=lambda _: None)
+    assert all(layer.inplace for layer in model if isinstance(layer, torch.nn.ReLU))
     assert before < 0.25
     assert len(history) == 2 and history[-1]["test_accuracy"] > 0.70  # chance is 0.10
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -311,6 +313,42 @@ def test_bits_dropout_swaps_in_without_changing_the_saved_model():
     plain.load_state_dict(model.state_dict())  # strict: the same keys, no state of its own
     images = torch.randn(5, 1, 28, 28)
     assert torch.equal(model.eval()(images), plain.eval()(images))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [ModelConfig(hidden_sizes=(32, 16)), ModelConfig(kind="cnn", channels=(4,), hidden_sizes=(8,), dropout=0.2)],
+    ids=["mlp", "cnn"],
+)
+def test_relus_in_place_train_to_the_same_weights(config):
+    # In place only after a Linear or a BatchNorm, whose backward passes do not read their outputs:
+    # the same gradients, so the same weights after a few steps (exactly: the same kernels run).
+    torch.manual_seed(3)
+    plain = build_model(config).train()
+    fast = relu_in_place(build_model(config).train())
+    fast.load_state_dict(plain.state_dict())
+    assert all(layer.inplace for layer in fast if isinstance(layer, torch.nn.ReLU))
+    assert not any(layer.inplace for layer in plain if isinstance(layer, torch.nn.ReLU))
+    images, targets = torch.randn(16, 1, 28, 28), torch.eye(NUM_CLASSES)[torch.arange(16) % NUM_CLASSES]
+    kept = images.clone()
+    for model in (plain, fast):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(3):
+            torch.manual_seed(4)  # the same dropout masks in both
+            train_module.optimizer_step(model, optimizer, images, targets, 0.1, False)
+    assert torch.equal(images, kept)
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, fast.state_dict()[name]), name
+
+
+def test_a_relu_after_anything_else_keeps_its_copy():
+    # After a Flatten (a view of the batch) an in-place ReLU would overwrite the training data.
+    model = relu_in_place(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.ReLU(), torch.nn.Linear(784, 10)))
+    assert not model[1].inplace
+    images = torch.randn(4, 1, 28, 28)
+    kept = images.clone()
+    model(images)
+    assert torch.equal(images, kept)
 
 
 def test_random_erase_blanks_one_rectangle_per_chosen_image():
