@@ -56,6 +56,7 @@ from training.train import (
     RECIPES,
     TrainConfig,
     choose_mode,
+    clear_leader,
     config_from_args,
     evaluate,
     fast_bf16,
@@ -385,6 +386,7 @@ def test_choose_mode_times_each_candidate_and_leaves_the_run_untouched(train_set
     assert set(record["scouted_step_ms"]) - {"images"} == set(timed) | set(record["dropped"])
     assert {name.split(",")[0] for name in [*timed, *record["dropped"]]} == {"fp32", "bf16"}
     assert timed[record["chosen"]] == min(timed.values())
+    assert 1 <= record["rounds"] <= train_module.TIMED_ROUNDS
     # A batch costs its step and its preparation, which runs beside the step only with one thread.
     for name, batch_ms in timed.items():
         step_ms, preparation_ms = record["median_step_ms"][name], record["median_preparation_ms"][name]
@@ -404,6 +406,27 @@ def test_choose_mode_times_each_candidate_and_leaves_the_run_untouched(train_set
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the caps name x86 instruction sets")
+def test_clear_leader_only_when_its_slowest_batch_beats_every_others_fastest():
+    assert clear_leader({"a": [1.0, 2.0, 3.0], "b": [3.5, 4.0, 9.0], "c": [5.0, 5.0, 5.0]})
+    assert not clear_leader({"a": [1.0, 2.0, 3.0], "b": [2.9, 4.0, 9.0]})  # one batch of b's beat one of a's
+    assert not clear_leader({"a": [1.0, 3.0], "b": [3.0, 3.0]})  # a tie is not clear
+    assert clear_leader({"a": [7.0, 8.0], "b": [1.0, 2.0]})  # the leader need not come first
+
+
+@pytest.mark.parametrize(("clear", "rounds"), [(True, train_module.CLEAR_AFTER), (False, train_module.TIMED_ROUNDS)])
+def test_choose_mode_stops_timing_once_the_leader_is_clear(train_set, monkeypatch, clear, rounds):
+    asked = []
+    monkeypatch.setattr(train_module, "clear_leader", lambda costs: asked.append(costs) or clear)
+    model = build_model(ModelConfig(hidden_sizes=(16,)))
+    config = TrainConfig(batch_size=64)
+    _, _, record = choose_mode(model, train_set.inputs[:64], train_set.target_vectors[:64], config, torch.device("cpu"))
+    assert record["rounds"] == rounds
+    # Asked from the CLEAR_AFTER-th round on, with every timed mode's batch costs so far.
+    assert [len(next(iter(costs.values()))) for costs in asked] == list(range(train_module.CLEAR_AFTER, rounds + 1))
+    timed = set(record["median_batch_ms"])
+    assert all({train_module._mode_name(*mode) for mode in costs} == timed for costs in asked)
+
+
 def test_choose_mode_drops_a_mode_far_slower_on_a_few_images():
     """bf16 on a CPU without bf16 instructions: capping the kernels at AVX2 makes this CPU one (an AVX2
     EPYC, say), where torch falls back to a bf16 product about 10x float32's. Timed at full size, such

@@ -68,6 +68,9 @@ CALIBRATION_BUDGET_S = 0.6
 # 15x on 1024) cannot win, and its full-size steps alone would cost more than the whole budget.
 SCOUT_IMAGES = 32
 HOPELESS = 3.0
+# Full-size rounds of timed steps: at most TIMED_ROUNDS, ended after CLEAR_AFTER when the leader is clear.
+TIMED_ROUNDS = 5
+CLEAR_AFTER = 3
 
 
 @dataclass
@@ -654,19 +657,21 @@ def choose_mode(
             step(mode)  # first calls at the timed size pay for kernel selection; not counted
         preparing = {mode: [] for mode in modes}
         timings: dict[tuple, list[float]] = {mode: [] for mode in modes}
-        for _ in range(5 if len(modes) > 1 else 1):
+
+        def batch_cost(mode, step_s: float, preparation_s: float) -> float:
+            """A batch's cost in ``mode``: its preparation runs beside the step only when batches are prefetched."""
+            beside = prefetch_batches(device, mode[1], pinned)
+            return max(step_s, preparation_s) if beside else step_s + preparation_s
+
+        for rounds in range(1, (TIMED_ROUNDS if len(modes) > 1 else 1) + 1):
             for mode in modes:
                 timings[mode].append(step(mode))
-            if time.perf_counter() - started > budget_s:
+            costs = {mode: list(map(batch_cost, [mode] * rounds, timings[mode], preparing[mode])) for mode in modes}
+            if (rounds >= CLEAR_AFTER and clear_leader(costs)) or time.perf_counter() - started > budget_s:
                 break
     steps = {mode: statistics.median(times) for mode, times in timings.items()}
     preparations = {mode: statistics.median(times) for mode, times in preparing.items()}
-    batches = {
-        mode: max(steps[mode], preparations[mode])
-        if prefetch_batches(device, mode[1], pinned)
-        else steps[mode] + preparations[mode]
-        for mode in modes
-    }
+    batches = {mode: batch_cost(mode, steps[mode], preparations[mode]) for mode in modes}
     bf16, threads = min(batches, key=batches.get)
 
     def in_ms(medians: dict) -> dict:
@@ -681,9 +686,18 @@ def choose_mode(
         "median_batch_ms": in_ms(batches),
         "scouted_step_ms": {"images": scout, **in_ms(scouted)},
         "dropped": [_mode_name(*mode) for mode in dropped],
+        "rounds": rounds,
         "cost_s": round(time.perf_counter() - started, 3),
     }
     return bf16, threads, record
+
+
+def clear_leader(costs: dict) -> bool:
+    """Whether one mode's slowest timed batch beat every other mode's fastest: more rounds would not
+    change which median is lowest unless the machine's load changed, so the calibration may stop."""
+    worst = {mode: max(times) for mode, times in costs.items()}
+    leader = min(worst, key=worst.get)
+    return all(worst[leader] < min(times) for mode, times in costs.items() if mode != leader)
 
 
 def prefetch_batches(device: torch.device, threads: int | None, pinned: bool = False) -> bool:
