@@ -90,7 +90,7 @@ class TrainConfig:
     shift: int = 1
     shift_after: int = 20  # epochs on unshifted images before the shift starts (epoch_recipe)
     erase: float = 0.0
-    ema: float = 0.99
+    ema: float = 0.98
     warmup: float = 0.1
     bf16: bool | None = None
     threads: int | None = None
@@ -121,6 +121,7 @@ RECIPES: dict[str, TrainConfig] = {
         hflip=0.5,
         shift=2,
         shift_after=0,
+        ema=0.99,
         warmup=0.3,
         hidden_sizes=(128,),
         channels=(32, 64),
