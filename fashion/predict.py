@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from fashion.probe import CandidateRejected, ProbeError, ValidationPolicy, valid
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models"
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a tool SIGPIPE ended
 
 
 class PredictError(Exception):
@@ -122,8 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     except PredictError as error:
         print(f"fashion-predict: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    for result in results:
-        print(json.dumps(result) if args.json else line(result))
+    try:
+        for result in results:
+            print(json.dumps(result) if args.json else line(result))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader stopped early (`| head`): no traceback. Python's docs' recipe: send what is still
+        # buffered to devnull, or the flush at exit raises again; exit as a tool killed by SIGPIPE does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     return 0
 
 

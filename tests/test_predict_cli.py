@@ -60,6 +60,25 @@ def test_real_files_as_json_match_the_service(bundled_server):
         assert answer["probabilities"] == pytest.approx(served["probabilities"], abs=1e-6)
 
 
+def test_a_reader_that_stops_early_gets_no_traceback():
+    # More answers than a pipe holds (64 KB), so the writes after the reader leaves fail with EPIPE.
+    import os
+
+    boot = str(EXAMPLES / "ankle-boot.png")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fashion.predict", *[boot] * 200, "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=os.environ.copy(),
+    )
+    first = process.stdout.readline()
+    process.stdout.close()
+    _, errors = process.communicate(timeout=120)
+    assert json.loads(first)["label"] == "Ankle boot"
+    assert process.returncode == 141, errors
+    assert errors == b""
+
+
 def test_text_output_says_when_it_is_not_a_garment(tmp_path):
     photo = tmp_path / "photo.img"
     photo.write_bytes(ood_samples(names=["photos"], per_set=1)["photos"][0])
