@@ -405,7 +405,6 @@ def test_choose_mode_times_each_candidate_and_leaves_the_run_untouched(train_set
     assert pinned == (False, 1, {"chosen": "fp32, 1 thread", "by": "options"})
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the caps name x86 instruction sets")
 def test_clear_leader_only_when_its_slowest_batch_beats_every_others_fastest():
     assert clear_leader({"a": [1.0, 2.0, 3.0], "b": [3.5, 4.0, 9.0], "c": [5.0, 5.0, 5.0]})
     assert not clear_leader({"a": [1.0, 2.0, 3.0], "b": [2.9, 4.0, 9.0]})  # one batch of b's beat one of a's
@@ -427,6 +426,7 @@ def test_choose_mode_stops_timing_once_the_leader_is_clear(train_set, monkeypatc
     assert all({train_module._mode_name(*mode) for mode in costs} == timed for costs in asked)
 
 
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the caps name x86 instruction sets")
 def test_choose_mode_drops_a_mode_far_slower_on_a_few_images():
     """bf16 on a CPU without bf16 instructions: capping the kernels at AVX2 makes this CPU one (an AVX2
     EPYC, say), where torch falls back to a bf16 product about 10x float32's. Timed at full size, such
