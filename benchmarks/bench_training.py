@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from fashion.contract import ModelConfig, build_model
+from fashion.machine import cpu_name, cpuinfo_field
 from training.data import FastFashionMNIST, TensorBatchDataset, ensure_fashion_mnist
 from training.dropout import BitsDropout, dropout_widths, use_bits_dropout
 from training.train import (
@@ -68,27 +68,12 @@ MODES = {"auto": None, "fp32": False, "bf16": True}
 KERNEL_ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
 
 
-def _cpuinfo_field(name: str) -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(name):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def cpu_name() -> str:
-    """The CPU's model name, so a printed figure says which machine it came from."""
-    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
-
-
 def kernel_isa() -> str:
     """The instruction sets torch's kernels may use here: the CPU's, less what the caps take away.
 
     The same model name can train 7x apart (AMX or not), and the caps let one machine show what a
     CPU without AMX or AVX-512 gets (README, Benchmarks), so every figure says which ran it."""
-    flags = set((_cpuinfo_field("flags") or "").split())
+    flags = set((cpuinfo_field("flags") or "").split())
     present = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
     caps = [f"{name}={os.environ[name]}" for name in KERNEL_ISA_CAPS if os.environ.get(name)]
     return (

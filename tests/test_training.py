@@ -689,6 +689,18 @@ def test_cli_trains_writes_card_and_fine_tunes_frozen(tmp_path, data_root):
     assert set(card["metrics"]["per_class_accuracy"]) == set(CLASS_NAMES)
     assert (base / CURVES_FILE).stat().st_size > 1000 and (base / CONFUSION_FILE).stat().st_size > 1000
     assert card["versions"]["torch"] == torch.__version__ and card["created_at"]
+    # The CPU by name, read here independently of fashion.machine: "x86_64" would not say which machine.
+    models = (
+        [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        if Path("/proc/cpuinfo").exists()
+        else []
+    )
+    if models:
+        assert card["training"]["device"] == "cpu" and card["training"]["device_name"] == models[0]
 
     tuned = tmp_path / "tuned"
     assert (

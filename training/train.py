@@ -38,7 +38,7 @@ from fashion.checkpoint import (
 )
 from fashion.contract import ARCHITECTURES, CLASS_NAMES, NUM_CLASSES, ModelConfig, build_model, pixels_to_input
 from fashion.heldout import split as held_out_split
-from fashion.machine import usable_cpus
+from fashion.machine import cpu_name, usable_cpus
 from fashion.probe import probe_record
 from training.data import (
     DEBIAN_DIR,
@@ -1007,9 +1007,7 @@ def build_card(
             },
             "loss": "cross-entropy on one-hot targets (label smoothing as above)",
             "device": str(device),
-            "device_name": torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else platform.processor() or platform.machine(),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
             "cpu_threads": torch.get_num_threads(),
             "wall_time_s": round(wall_time, 2),
             "init_from": init_from,
