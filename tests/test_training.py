@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -62,6 +63,7 @@ from training.train import (
     fast_bf16,
     freeze_all_but_last,
     main,
+    mix_up,
     one_cycle,
     parse_args,
     random_erase,
@@ -69,6 +71,7 @@ from training.train import (
     relu_in_place,
     shift_by_gather,
     shift_by_windows,
+    threads_kept,
     train,
     write_outputs,
 )
@@ -226,7 +229,7 @@ def test_short_training_on_a_real_subset_beats_chance(train_set, test_set):
 
 
 def test_the_shift_starts_after_its_unshifted_epochs(train_set, test_set):
-    """--shift-after N: the first N epochs train on the images as they are, the rest shifted."""
+    """--shift-after N: the first N epochs train on the images as they are, the rest shifted (and mixed up)."""
 
     def trained(**recipe) -> dict:
         torch.manual_seed(2)
@@ -240,8 +243,14 @@ def test_the_shift_starts_after_its_unshifted_epochs(train_set, test_set):
     second_epoch_shifted = trained(shift=1, shift_after=1)
     assert all(torch.equal(unshifted[k], held_back[k]) for k in unshifted)
     assert not all(torch.equal(unshifted[k], second_epoch_shifted[k]) for k in unshifted)
-    recipe = TrainConfig(shift=1, shift_after=20)
+    # Mixup is held back with the shift, and the loop mixes once it starts.
+    mixup_held_back = trained(shift=0, mixup=0.2, shift_after=2)
+    second_epoch_mixed = trained(shift=0, mixup=0.2, shift_after=1)
+    assert all(torch.equal(unshifted[k], mixup_held_back[k]) for k in unshifted)
+    assert not all(torch.equal(unshifted[k], second_epoch_mixed[k]) for k in unshifted)
+    recipe = TrainConfig(shift=1, shift_after=20, mixup=0.2)
     assert [train_module.epoch_recipe(recipe, epoch).shift for epoch in (1, 20, 21, 120)] == [0, 0, 1, 1]
+    assert [train_module.epoch_recipe(recipe, epoch).mixup for epoch in (1, 20, 21, 120)] == [0, 0, 0.2, 0.2]
     assert RECIPES["mlp"].shift_after == 20 and RECIPES["cnn"].shift_after == 0
     assert config_from_args(parse_args(["--shift-after", "5"])).shift_after == 5
 
@@ -350,6 +359,30 @@ def test_a_relu_after_anything_else_keeps_its_copy():
     kept = images.clone()
     model(images)
     assert torch.equal(images, kept)
+
+
+def test_mix_up_blends_each_image_and_target_with_one_partner_its_own_leading():
+    """Known answers: image i is the constant i and its target one-hot class i % 10, so every blend
+    says which two it came from and by what weight."""
+    count = 200
+    images = torch.arange(count, dtype=torch.float32).view(-1, 1, 1, 1).expand(count, 1, 28, 28).contiguous()
+    targets = F.one_hot(torch.arange(count) % 10, 10).float()
+    mixed, mixed_targets = mix_up(images, targets, 0.2, torch.Generator().manual_seed(0))
+    assert mixed.shape == images.shape and mixed_targets.shape == targets.shape
+    assert torch.equal(mixed, mixed[:, :, :1, :1].expand_as(mixed))  # one weight for the whole image
+    assert torch.allclose(mixed_targets.sum(dim=1), torch.ones(count))
+    own = mixed_targets[torch.arange(count), torch.arange(count) % 10]
+    assert (own >= 0.5).all() and (own < 1).any()  # the image's own class leads; some are blended
+    assert (mixed_targets.argmax(dim=1) == torch.arange(count) % 10).all()
+    # value = w * i + (1 - w) * partner: the partner that the weight implies is a whole image index.
+    weight = mixed_targets.max(dim=1).values
+    blended = weight < 0.95  # closer to 1, the division below magnifies float32's rounding
+    partner = (mixed[:, 0, 0, 0] - weight * torch.arange(count)) / (1 - weight)
+    assert blended.sum() > 10 and torch.allclose(partner[blended], partner[blended].round(), atol=1e-2)
+    # Beta(0.2, 0.2) puts most weights near 0 or 1: folded, most stay near 1.
+    assert (weight > 0.9).float().mean() > 0.5
+    again = mix_up(images, targets, 0.2, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], mixed) and torch.equal(again[1], mixed_targets)  # the seed decides
 
 
 def test_random_erase_blanks_one_rectangle_per_chosen_image():
@@ -840,6 +873,7 @@ def test_bad_extra_data_fails_before_training(tmp_path, data_root):
         ["--freeze"],
         ["--dropout", "1"],
         ["--erase", "1"],
+        ["--mixup", "-0.2"],
         ["--ema", "-0.1"],
         ["--threads", "0"],
         ["--arch", "rnn"],
@@ -1077,6 +1111,17 @@ def test_the_one_bounded_number_parser():
     ]:
         with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
             parse_bounded(text, kind, **bounds)
+
+
+def test_the_training_benchmark_times_the_recipe_it_is_given(data_root):
+    """bench_training --hidden-sizes/--weight-decay/--mixup time a recipe other than the default the same way."""
+    from benchmarks.bench_training import our_training
+
+    recipe = {"hidden_sizes": (16,), "weight_decay": 0.25, "mixup": 0.2, "epochs": 1}
+    with threads_kept():
+        run = our_training(data_root, torch.device("cpu"), seed=0, bf16=False, stop=False, recipe=recipe)
+    assert run["trained"] == recipe
+    assert 0.5 < run["accuracy"] < 1 and run["epoch_s"] > 0
 
 
 def test_the_step_cost_benchmark_runs_the_recipes_steps(data_root, capsys):

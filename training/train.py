@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -90,6 +91,7 @@ class TrainConfig:
     shift: int = 1
     shift_after: int = 20  # epochs on unshifted images before the shift starts (epoch_recipe)
     erase: float = 0.0
+    mixup: float = 0.0
     ema: float = 0.98
     warmup: float = 0.1
     bf16: bool | None = None
@@ -141,7 +143,7 @@ _fraction = argparse_type(float, minimum=0, below=1)
 _open_fraction = argparse_type(float, above=0, below=1)
 
 
-def _sizes(text: str) -> tuple[int, ...]:
+def comma_sizes(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(part) for part in text.split(","))
     except ValueError:
@@ -174,10 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--batch-size", type=_positive_int, help=_recipe_help("images per step", "batch_size"))
     recipe.add_argument("--lr", type=_positive_float, help=_recipe_help("peak learning rate of the schedule", "lr"))
     recipe.add_argument(
-        "--hidden-sizes", type=_sizes, metavar="H1,H2,...", help=_recipe_help("Linear widths", "hidden_sizes", _commas)
+        "--hidden-sizes",
+        type=comma_sizes,
+        metavar="H1,H2,...",
+        help=_recipe_help("Linear widths", "hidden_sizes", _commas),
     )
     recipe.add_argument(
-        "--channels", type=_sizes, metavar="C1,C2", help=_recipe_help("cnn: conv channels", "channels", _commas)
+        "--channels", type=comma_sizes, metavar="C1,C2", help=_recipe_help("cnn: conv channels", "channels", _commas)
     )
     recipe.add_argument("--dropout", type=_fraction, help=_recipe_help("after each hidden ReLU", "dropout"))
     recipe.add_argument(
@@ -193,7 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument(
         "--shift-after",
         type=_non_negative_int,
-        help=_recipe_help("epochs trained on unshifted images before --shift starts", "shift_after"),
+        help=_recipe_help("epochs trained on plain images before --shift and --mixup start", "shift_after"),
+    )
+    recipe.add_argument(
+        "--mixup",
+        type=_non_negative_float,
+        help=_recipe_help("alpha of the Beta mixing images and their targets in pairs; 0: none", "mixup"),
     )
     recipe.add_argument(
         "--erase", type=_fraction, help=_recipe_help("probability of blanking a random rectangle", "erase")
@@ -276,6 +286,7 @@ RECIPE_OPTIONS = (
     "shift",
     "shift_after",
     "erase",
+    "mixup",
     "ema",
     "warmup",
 )
@@ -402,12 +413,13 @@ def random_erase(inputs: torch.Tensor, probability: float, generator: torch.Gene
 
 
 def epoch_recipe(config: TrainConfig, epoch: int) -> TrainConfig:
-    """The recipe epoch ``epoch`` (from 1) trains with: no shift for the first ``shift_after`` epochs.
+    """The recipe epoch ``epoch`` (from 1) trains with: no shift or mixup for the first ``shift_after`` epochs.
 
     Shifted images are harder to fit while the learning rate is high: held back for 20 epochs, the
     shift let the MLP first reach 0.90 7-10 epochs sooner than with it from the start, and the shift
-    that follows still takes the final accuracy above 0.91 (README, Training)."""
-    return replace(config, shift=0) if epoch <= config.shift_after else config
+    that follows still takes the final accuracy above 0.91 (README, Training). Mixup is held back
+    with it for the same reason."""
+    return replace(config, shift=0, mixup=0.0) if epoch <= config.shift_after else config
 
 
 def augment(inputs: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
@@ -420,6 +432,23 @@ def augment(inputs: torch.Tensor, config: TrainConfig, generator: torch.Generato
     if config.erase > 0:
         inputs = random_erase(inputs, config.erase, generator)
     return inputs
+
+
+def mix_up(
+    inputs: torch.Tensor, targets: torch.Tensor, alpha: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image and its target vector blended with another pair of the batch (mixup), by a weight
+    drawn from Beta(alpha, alpha) and folded to at least 0.5 on the image's own, so its class leads.
+
+    torch has no Beta sampler that takes a generator: numpy's draws the weights, seeded from ``generator``."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    own = torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, len(inputs))).float()
+    own = torch.maximum(own, 1 - own)
+    partners = torch.randperm(len(inputs), generator=generator).to(inputs.device)
+    own = own.to(inputs.device)
+    weight = own.view(-1, *[1] * (inputs.dim() - 1))
+    # lerp(partner, own image, w) = w * own image + (1 - w) * partner
+    return torch.lerp(inputs[partners], inputs, weight), torch.lerp(targets[partners], targets, own[:, None])
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -632,11 +661,13 @@ def choose_mode(
             begun = time.perf_counter()
             chosen = rows[: images or size]
             beside = prefetch_batches(device, threads, pinned)
-            batch = prepare_batch(inputs[chosen], config, augmenting, bf16, ahead, beside)
+            batch, batch_targets = prepare_batch(
+                inputs[chosen], targets[chosen], config, augmenting, bf16, ahead, beside
+            )
             _synchronize(device)
             prepared = time.perf_counter()
             preparing[mode].append(prepared - begun)
-            optimizer_step(trial, optimizer, batch, targets[chosen], config.label_smoothing, bf16)
+            optimizer_step(trial, optimizer, batch, batch_targets, config.label_smoothing, bf16)
             _synchronize(device)
             return time.perf_counter() - prepared
 
@@ -875,19 +906,27 @@ class SpareTimeEvaluation:
 
 
 def prepare_batch(
-    inputs: torch.Tensor, config: TrainConfig, generator: torch.Generator, bf16: bool, ahead: list, prefetch: bool
-) -> torch.Tensor:
-    """A fetched batch, augmented. For a prefetching thread (``prefetch``), more of a step's work that
-    needs no weights is done here, off the step's core: the batch's dropout masks are drawn
-    (``ahead``: (BitsDropout, width) pairs), and under bf16 the inputs are cast as autocast would
-    cast them (the same values; autocast then has nothing to do)."""
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    config: TrainConfig,
+    generator: torch.Generator,
+    bf16: bool,
+    ahead: list,
+    prefetch: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fetched batch (inputs, target vectors), augmented and mixed up. For a prefetching thread
+    (``prefetch``), more of a step's work that needs no weights is done here, off the step's core: the
+    batch's dropout masks are drawn (``ahead``: (BitsDropout, width) pairs), and under bf16 the inputs
+    are cast as autocast would cast them (the same values; autocast then has nothing to do)."""
     inputs = augment(inputs, config, generator)
+    if config.mixup > 0:
+        inputs, targets = mix_up(inputs, targets, config.mixup, generator)
     if prefetch:
         dtype = torch.bfloat16 if bf16 else torch.float32  # what the layers see under autocast, or not
         for layer, width in ahead:
             layer.draw_ahead((len(inputs), width), dtype)
         inputs = inputs.to(dtype)
-    return inputs
+    return inputs, targets
 
 
 def prepared_batches(
@@ -895,7 +934,7 @@ def prepared_batches(
 ) -> Iterator:
     """The loader's batches, each through ``prepare_batch``."""
     for inputs, targets in loader:
-        yield prepare_batch(inputs, config, generator, config.bf16, ahead, prefetch), targets
+        yield prepare_batch(inputs, targets, config, generator, config.bf16, ahead, prefetch)
 
 
 # --------------------------------------------------------------------------- outputs
