@@ -76,6 +76,8 @@ def contract_summary() -> dict:
 
 
 ARCHITECTURES: tuple[str, ...] = ("mlp", "cnn")
+# What a card that names no widths was trained with: the default of the project's first models.
+FIRST_DEFAULT_HIDDEN_SIZES: tuple[int, ...] = (512, 512)
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ class ModelConfig:
     nn.Sequential, so the loader and the service need no case for either.
     """
 
-    hidden_sizes: tuple[int, ...] = (512, 512)
+    hidden_sizes: tuple[int, ...] = (256, 256)
     dropout: float = 0.0
     kind: str = field(default="mlp")
     channels: tuple[int, ...] = ()
@@ -123,7 +125,7 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown architecture fields: {sorted(unknown)}")
         return cls(
-            hidden_sizes=tuple(data.get("hidden_sizes", (512, 512))),
+            hidden_sizes=tuple(data.get("hidden_sizes", FIRST_DEFAULT_HIDDEN_SIZES)),
             dropout=float(data.get("dropout", 0.0)),
             kind=data.get("kind", "mlp"),
             channels=tuple(data.get("channels", ())),

@@ -83,7 +83,7 @@ def test_model_maps_batches_to_ten_logits():
     model = build_model(ModelConfig())
     assert isinstance(model, torch.nn.Sequential)
     linears = [m for m in model if isinstance(m, torch.nn.Linear)]
-    assert [(m.in_features, m.out_features) for m in linears] == [(784, 512), (512, 512), (512, 10)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(784, 256), (256, 256), (256, 10)]
     for n in (1, 7):
         assert model(torch.zeros(n, *INPUT_SHAPE)).shape == (n, NUM_CLASSES)
     with_dropout = build_model(ModelConfig(hidden_sizes=(64,), dropout=0.25))
@@ -94,6 +94,8 @@ def test_model_maps_batches_to_ten_logits():
 def test_model_config_round_trip_and_validation():
     config = ModelConfig(hidden_sizes=(256, 128), dropout=0.1)
     assert ModelConfig.from_dict(config.to_dict()) == config
+    # A card that names no widths predates the 256-wide default: it was trained 784-512-512-10.
+    assert ModelConfig.from_dict({}).hidden_sizes == (512, 512) != ModelConfig().hidden_sizes
     for bad in ({"hidden_sizes": ()}, {"hidden_sizes": (0,)}, {"dropout": 1.0}, {"kind": "cnn"}):
         with pytest.raises(ValueError):
             ModelConfig(**bad)

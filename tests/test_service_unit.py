@@ -216,7 +216,11 @@ def test_plain_crops_keep_the_request_budget(test_set, tmp_path):
 # --------------------------------------------------------------------------- the served forward pass
 
 
-@pytest.mark.parametrize("hidden_sizes", [(512, 512), (16,), ()], ids=["bundled-shape", "one-hidden", "no-hidden"])
+@pytest.mark.parametrize(
+    "hidden_sizes",
+    [(256, 256), (512, 512), (16,), ()],
+    ids=["bundled-shape", "first-default-shape", "one-hidden", "no-hidden"],
+)
 def test_direct_forward_gives_the_modules_logits_bit_for_bit(hidden_sizes, test_set):
     """The service's DirectMLP against the modules themselves, on real images at batch sizes 1 to 64:
     the same numbers, not close ones, and the same verdicts through LoadedModel.predict."""

@@ -85,20 +85,20 @@ class TrainConfig:
     epochs: int = 120
     batch_size: int = 1024
     lr: float = 4e-3
-    weight_decay: float = 0.05
+    weight_decay: float = 0.1
     label_smoothing: float = 0.1
     hflip: float = 0.0
     shift: int = 1
     shift_after: int = 20  # epochs on unshifted images before the shift starts (epoch_recipe)
     erase: float = 0.0
-    mixup: float = 0.0
+    mixup: float = 0.2
     ema: float = 0.98
     warmup: float = 0.1
     bf16: bool | None = None
     threads: int | None = None
     seed: int = 0
     arch: str = "mlp"
-    hidden_sizes: tuple[int, ...] = (512, 512)
+    hidden_sizes: tuple[int, ...] = ModelConfig.hidden_sizes
     channels: tuple[int, ...] = ()
     dropout: float = 0.0
     freeze: bool = False
@@ -124,6 +124,7 @@ RECIPES: dict[str, TrainConfig] = {
         shift=2,
         shift_after=0,
         ema=0.99,
+        mixup=0.0,
         warmup=0.3,
         hidden_sizes=(128,),
         channels=(32, 64),
@@ -437,18 +438,25 @@ def augment(inputs: torch.Tensor, config: TrainConfig, generator: torch.Generato
 def mix_up(
     inputs: torch.Tensor, targets: torch.Tensor, alpha: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image and its target vector blended with another pair of the batch (mixup), by a weight
-    drawn from Beta(alpha, alpha) and folded to at least 0.5 on the image's own, so its class leads.
+    """Each image and its target vector blended with the next pair of the batch (mixup; the last with the
+    first), by a weight drawn from Beta(alpha, alpha) and folded to at least 0.5 on the image's own, so
+    its class leads.
 
-    torch has no Beta sampler that takes a generator: numpy's draws the weights, seeded from ``generator``."""
+    The loader shuffles, so the next image is a random partner; blending neighbours in one pass costs
+    half of gathering partners by a permutation first (0.45 against 0.90 ms a batch of 1,024, 1 thread),
+    on the thread that prepares batches beside the steps. torch has no Beta sampler that takes a
+    generator: numpy's draws the weights, seeded from ``generator``."""
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     own = torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, len(inputs))).float()
-    own = torch.maximum(own, 1 - own)
-    partners = torch.randperm(len(inputs), generator=generator).to(inputs.device)
-    own = own.to(inputs.device)
-    weight = own.view(-1, *[1] * (inputs.dim() - 1))
-    # lerp(partner, own image, w) = w * own image + (1 - w) * partner
-    return torch.lerp(inputs[partners], inputs, weight), torch.lerp(targets[partners], targets, own[:, None])
+    own = torch.maximum(own, 1 - own).to(inputs.device)
+    mixed = []
+    for tensor, weight in ((inputs, own.view(-1, *[1] * (inputs.dim() - 1))), (targets, own[:, None])):
+        # lerp(partner, own, w) = w * own + (1 - w) * partner, written in place of a copy of the batch
+        blend = torch.empty_like(tensor)
+        torch.lerp(tensor[1:], tensor[:-1], weight[:-1], out=blend[:-1])
+        torch.lerp(tensor[:1], tensor[-1:], weight[-1:], out=blend[-1:])
+        mixed.append(blend)
+    return mixed[0], mixed[1]
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
