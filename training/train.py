@@ -89,7 +89,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     hflip: float = 0.0
     shift: int = 1
-    shift_after: int = 20  # epochs on unshifted images before the shift starts (epoch_recipe)
+    shift_after: int = 20  # epochs on plain images before the shift and mixup start (epoch_recipe)
     erase: float = 0.0
     mixup: float = 0.2
     ema: float = 0.98
