@@ -48,12 +48,13 @@ from training.train import (
     RECIPES,
     TrainConfig,
     WeightAverage,
-    comma_sizes,
+    add_recipe_arguments,
     fast_bf16,
     make_optimizer,
     optimizer_step,
     prepare_batch,
     random_shift,
+    recipe_given,
     relu_in_place,
     resolve_device,
     shift_by_gather,
@@ -255,7 +256,8 @@ def step_costs(root: Path, bf16: bool, rounds: int = 60) -> None:
         print(f"{name:>30}: {statistics.median(measured) * 1e3:6.2f} ms ({what}; {shape}; median of {rounds})")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]:
+    """The benchmark's options, and the recipe changes to time (the training CLI's own recipe options)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     parser.add_argument("--repeats", type=argparse_type(int, minimum=1), default=3)
@@ -271,16 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stop-at-target", action="store_true", help=f"end each run at >= {TARGET} (final accuracy not measured)"
     )
-    # A recipe other than the default, timed the same way (README: the 256-wide recipe).
-    parser.add_argument("--hidden-sizes", type=comma_sizes, metavar="H1,H2,...", help="our MLP's widths")
-    parser.add_argument("--weight-decay", type=argparse_type(float, minimum=0), help="our AdamW's weight decay")
-    parser.add_argument("--mixup", type=argparse_type(float, minimum=0), help="our mixup's Beta alpha")
+    # A recipe other than the MLP's default, timed the same way: e.g. --hidden-sizes 512,512 --weight-decay 0.05.
+    add_recipe_arguments(parser.add_argument_group("our recipe, where not the MLP's default"))
     args = parser.parse_args(argv)
-    recipe = {
-        name: getattr(args, name)
-        for name in ("hidden_sizes", "weight_decay", "mixup")
-        if getattr(args, name) is not None
-    }
+    return args, recipe_given(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, recipe = parse_args(argv)
     device = resolve_device(args.device)
     root, _ = ensure_fashion_mnist(args.data_dir)
     print(

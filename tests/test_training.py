@@ -1117,8 +1117,15 @@ def test_the_one_bounded_number_parser():
 
 
 def test_the_training_benchmark_times_the_recipe_it_is_given(data_root):
-    """bench_training --hidden-sizes/--weight-decay/--mixup time a recipe other than the default the same way."""
-    from benchmarks.bench_training import our_training
+    """bench_training takes the training CLI's recipe options, checked as the CLI checks them, and times
+    that recipe the same way (the 784-512-512-10 with --hidden-sizes 512,512 --weight-decay 0.05 --mixup 0)."""
+    from benchmarks.bench_training import our_training, parse_args
+
+    _, given = parse_args(["--hidden-sizes", "512,512", "--weight-decay", "0.05", "--mixup", "0", "--repeats", "1"])
+    assert given == {"hidden_sizes": (512, 512), "weight_decay": 0.05, "mixup": 0.0}
+    assert parse_args([])[1] == {}
+    with pytest.raises(SystemExit):
+        parse_args(["--mixup", "-0.2"])
 
     recipe = {"hidden_sizes": (16,), "weight_decay": 0.25, "mixup": 0.2, "epochs": 1}
     with threads_kept():
